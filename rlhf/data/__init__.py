@@ -1,0 +1,20 @@
+"""Preference data: HH-RLHF and synthetic sources, shared pair types, and the datamodule."""
+from rlhf.data.datamodule import PreferenceDataModule
+from rlhf.data.hh import HHRLHF, read_hh_file, split_hh
+from rlhf.data.pairs import DataError, PreferencePair, PreferenceSplits, split_train_val
+from rlhf.data.synthetic import SyntheticPreferences, gold_reward, gold_reward_batch, prompt_topic
+
+__all__ = [
+    "DataError",
+    "HHRLHF",
+    "PreferenceDataModule",
+    "PreferencePair",
+    "PreferenceSplits",
+    "SyntheticPreferences",
+    "gold_reward",
+    "gold_reward_batch",
+    "prompt_topic",
+    "read_hh_file",
+    "split_hh",
+    "split_train_val",
+]

@@ -1,0 +1,237 @@
+"""Tensor math for PPO-based RLHF.
+
+Follows TRL's PPOTrainer and "The N+ Implementation Details of RLHF with PPO:
+A Case Study on TL;DR Summarization" (Huang et al., 2024). Everything here is
+pure tensor code with no model or trainer state, so it can be unit-tested on
+hand-computed examples. Tensors are batch-first: [batch, response_len].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# TRL fills log-probs at padded positions with 1.0 (not 0) so that a bug which
+# forgets the mask shows up as a visibly wrong ratio/KL instead of silently
+# looking like probability 1.
+INVALID_LOGPROB = 1.0
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _as_weights(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.to(like.dtype)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim=None) -> Tensor:
+    w = _as_weights(mask, x)
+    # torch.where rather than x * w so inf/nan at padded positions cannot leak in.
+    xw = torch.where(w != 0, x, torch.zeros_like(x)) * w
+    if dim is None:
+        return xw.sum() / w.sum()
+    return xw.sum(dim=dim) / w.sum(dim=dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = _as_weights(mask, x).sum()
+        # TRL raises when n <= 1; we avoid a host sync and instead fall back to
+        # the biased estimate (which is 0 for a single element) so whitening a
+        # one-token batch yields zeros rather than NaN.
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) at ``tokens``; returns float32 (or float64).
+
+    Rows are processed one at a time so peak extra memory is one [T, V] slice
+    rather than a full [B, T, V] log-softmax copy. Low-precision logits are
+    upcast per row, because bf16 log-probs are too coarse for PPO ratios.
+    """
+    out_dtype = logits.dtype if logits.dtype in _FAST_DTYPES else torch.float32
+    rows = []
+    for row_logits, row_tokens in zip(logits, tokens):
+        row_logits = row_logits.to(out_dtype)
+        if temperature != 1.0:
+            row_logits = row_logits / temperature
+        picked = row_logits.gather(-1, row_tokens.unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    out_dtype = logits.dtype if logits.dtype in _FAST_DTYPES else torch.float32
+    rows = []
+    for row_logits in logits:
+        row_logits = row_logits.to(out_dtype)
+        if temperature != 1.0:
+            row_logits = row_logits / temperature
+        # H = logsumexp(z) - sum p*z avoids log(p) = -inf for underflowed probs.
+        p = torch.softmax(row_logits, dim=-1)
+        rows.append(torch.logsumexp(row_logits, dim=-1) - (p * row_logits).sum(-1))
+    return torch.stack(rows)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || ref) from samples of the policy.
+
+    Estimators from Schulman, "Approximating KL Divergence" (2020):
+    k1 is unbiased but can be negative per token; k3 is unbiased and >= 0;
+    k2 (0.5 * logr^2) is biased but low-variance.
+    """
+    logr = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -logr
+    if estimator == "k2":
+        return 0.5 * logr**2
+    if estimator == "k3":
+        return torch.expm1(logr) - logr
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected 'k1', 'k2' or 'k3'")
+
+
+def truncate_after_stop(responses: Tensor, stop_token_id, pad_token_id) -> tuple[Tensor, Tensor, Tensor]:
+    if stop_token_id is None:
+        b = responses.shape[0]
+        mask = torch.ones_like(responses, dtype=torch.bool)
+        return responses.clone(), mask, torch.zeros(b, dtype=torch.bool, device=responses.device)
+    is_stop = responses == stop_token_id
+    # Valid = no stop token strictly before this position. Derived from stop
+    # positions, never from pad, because GPT-2-style tokenizers use eos as pad.
+    stops_before = is_stop.long().cumsum(dim=1) - is_stop.long()
+    mask = stops_before == 0
+    truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
+    return truncated, mask, is_stop.any(dim=1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    # Left padding would otherwise shift every real token's position; HF
+    # generate uses the same convention, so training and rollout agree.
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def last_index(mask: Tensor) -> Tensor:
+    idx = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, torch.zeros_like(idx)).max(dim=-1).values
+
+
+def compute_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef,
+    estimator: str = "k1",
+) -> tuple[Tensor, Tensor, Tensor]:
+    mask = mask.bool()
+    kl = kl_penalty(logprobs, ref_logprobs, estimator)
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    # The reward model only scores the full sequence, so the score is a sparse
+    # terminal reward on the last real token. Rows without any valid token get
+    # no score (there is nowhere meaningful to put it).
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    has_any = mask.any(dim=1).to(rewards.dtype)
+    rewards[rows, last_index(mask)] += scores.to(rewards.dtype) * has_any
+    return rewards, kl, non_score_reward
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    Values/rewards past the end of the response are zeroed first, so the
+    bootstrap value after the last real token is 0 (episode terminates there).
+    """
+    w = _as_weights(mask, values)
+    values = values * w
+    rewards = rewards * w
+    T = rewards.shape[1]
+    lastgaelam = torch.zeros_like(rewards[:, 0])
+    advs_reversed = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advs_reversed.append(lastgaelam)
+    advantages = torch.stack(advs_reversed[::-1], dim=1) * w
+    returns = (advantages + values) * w
+    return advantages, returns
+
+
+def policy_loss(
+    new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+) -> tuple[Tensor, dict]:
+    logratio = new_logprobs - old_logprobs
+    ratio = torch.exp(logratio)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    # Pessimistic (max of losses) so the update gets no credit for moving the
+    # ratio past the trust region in the direction the advantage favours.
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_losses2 > pg_losses).to(ratio.dtype), mask),
+            "approxkl": 0.5 * masked_mean(logratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    vpred: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float
+) -> tuple[Tensor, dict]:
+    vpredclipped = old_values + torch.clamp(vpred - old_values, -cliprange_value, cliprange_value)
+    vf_losses1 = (vpred - returns) ** 2
+    vf_losses2 = (vpredclipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((vf_losses2 > vf_losses1).to(vpred.dtype), mask)}
+    return loss, stats
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient from Ziegler et al. (2019), "Fine-Tuning LMs from Human Preferences"."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl, n_steps: int) -> None:
+        # Clipping the error bounds the per-update change so one noisy KL
+        # estimate cannot blow the coefficient up or collapse it.
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        # Only the learned coefficient is state; target/horizon come from config
+        # so a resumed run may deliberately change them.
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])

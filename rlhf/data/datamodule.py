@@ -1,0 +1,176 @@
+"""LightningDataModule turning `PreferenceSplits` into token batches for SFT, RM or PPO.
+
+Prompt and response are tokenised separately and concatenated, exactly as the policy sees
+them at generation time (prompt tokens, then sampled tokens), so SFT, reward-model and PPO
+inputs agree on where the response starts. Tokenisation happens once in `setup`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rlhf.data.pairs import PreferencePair, PreferenceSplits
+
+MODES = ("sft", "rm", "prompts")
+IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
+
+
+class _ListDataset(Dataset):
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def _pad(seqs: list[list[int]], value: int, length: int, left: bool = False) -> torch.Tensor:
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            if left:
+                out[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
+            else:
+                out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def _mask(seqs: list[list[int]], length: int, left: bool = False) -> torch.Tensor:
+    return _pad([[1] * len(s) for s in seqs], 0, length, left)
+
+
+@dataclass
+class _Collate:
+    """Pads a list of tokenised examples; a class (not a closure) so workers can pickle it."""
+
+    mode: str
+    pad_id: int
+
+    def __call__(self, items: list[dict]) -> dict:
+        if self.mode == "sft":
+            ids = [x["input_ids"] for x in items]
+            n = max(map(len, ids))
+            return {
+                "input_ids": _pad(ids, self.pad_id, n),
+                "attention_mask": _mask(ids, n),
+                "labels": _pad([x["labels"] for x in items], IGNORE_INDEX, n),
+            }
+        if self.mode == "rm":
+            chosen = [x["chosen_input_ids"] for x in items]
+            rejected = [x["rejected_input_ids"] for x in items]
+            # One common length so a model can score chosen and rejected in a single forward.
+            n = max(map(len, chosen + rejected))
+            return {
+                "chosen_input_ids": _pad(chosen, self.pad_id, n),
+                "chosen_attention_mask": _mask(chosen, n),
+                "rejected_input_ids": _pad(rejected, self.pad_id, n),
+                "rejected_attention_mask": _mask(rejected, n),
+            }
+        # Left padding: generation appends to the right, so every prompt must end at the last column.
+        ids = [x["input_ids"] for x in items]
+        n = max(map(len, ids))
+        return {
+            "input_ids": _pad(ids, self.pad_id, n, left=True),
+            "attention_mask": _mask(ids, n, left=True),
+            "prompt": [x["prompt"] for x in items],
+        }
+
+
+class PreferenceDataModule(pl.LightningDataModule):
+    """Batches for one stage: mode "sft" (prompt + chosen + eos, loss on the response only),
+    "rm" (chosen/rejected sequences, no eos) or "prompts" (left-padded prompts for PPO).
+
+    Prompts keep their LAST `max_prompt_length` tokens (the final question matters most);
+    responses keep their FIRST `max_response_length` tokens. In sft mode eos counts toward
+    `max_response_length` and is dropped when the response had to be cut, so the model never
+    learns to stop mid-sentence.
+    """
+
+    def __init__(
+        self,
+        splits: PreferenceSplits,
+        tokenizer,
+        mode: str,
+        batch_size: int,
+        max_prompt_length: int = 64,
+        max_response_length: int = 64,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if max_prompt_length <= 0 or max_response_length <= 0:
+            raise ValueError(
+                f"max_prompt_length and max_response_length must be positive, "
+                f"got {max_prompt_length} and {max_response_length}"
+            )
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer has no eos token")
+        self.splits = splits
+        self.tokenizer = tokenizer
+        self.mode = mode
+        self.batch_size = batch_size
+        self.max_prompt_length = max_prompt_length
+        self.max_response_length = max_response_length
+        self.seed = seed
+        self.num_workers = num_workers
+        self.eos_id = tokenizer.eos_token_id
+        self.train_dataset: _ListDataset | None = None
+        self.val_dataset: _ListDataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:  # Lightning calls setup per stage; tokenise only once
+            self.train_dataset = _ListDataset(self._encode(self.splits.train))
+            self.val_dataset = _ListDataset(self._encode(self.splits.val))
+
+    def _tok(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, pairs: list[PreferencePair]) -> list[dict]:
+        prompts = [p[-self.max_prompt_length:] for p in self._tok([x.prompt for x in pairs])]
+        if self.mode == "prompts":
+            return [{"input_ids": ids, "prompt": x.prompt} for ids, x in zip(prompts, pairs)]
+        cut = self.max_response_length
+        if self.mode == "sft":
+            items = []
+            for ids, resp in zip(prompts, self._tok([x.chosen for x in pairs])):
+                resp = (resp + [self.eos_id])[:cut]
+                items.append({"input_ids": ids + resp, "labels": [IGNORE_INDEX] * len(ids) + resp})
+            return items
+        chosen = self._tok([x.chosen for x in pairs])
+        rejected = self._tok([x.rejected for x in pairs])
+        return [
+            {"chosen_input_ids": p + c[:cut], "rejected_input_ids": p + r[:cut]}
+            for p, c, r in zip(prompts, chosen, rejected)
+        ]
+
+    def _loader(self, dataset: _ListDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            self.setup()
+            dataset = self.train_dataset if shuffle else self.val_dataset
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=_Collate(self.mode, self.eos_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)

@@ -1,0 +1,173 @@
+"""Synthetic HH-format preference data with a known gold preference function.
+
+Real preference data has no ground truth, so a run can only be judged by its own reward
+model. Here `gold_reward` is the rule that decided every `chosen`/`rejected` label, so SFT,
+the reward model and PPO can all be scored against the truth (e.g. reward-model accuracy
+vs. gold, gold reward of PPO samples), and reward hacking shows up as proxy reward rising
+while gold reward does not.
+
+The vocabulary is chosen so that every scored word is one GPT-2 token with a leading space,
+which keeps the task learnable by a 2-layer, 128-wide GPT-2. The task still needs context:
+whether a topic word helps depends on the topic named in the LAST human turn, and the score
+is a per-word mean, so neither length nor a fixed word list solves it.
+"""
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+from rlhf.data.pairs import HUMAN, PreferencePair, PreferenceSplits, split_train_val
+
+# Topic name (as it appears in prompts) -> its on-topic words.
+TOPICS: dict[str, tuple[str, ...]] = {
+    "cooking": (" recipe", " oven", " salt", " pan", " flavor", " dinner"),
+    "music": (" song", " guitar", " melody", " band", " rhythm", " album"),
+    "travel": (" trip", " flight", " hotel", " beach", " passport", " map"),
+    "gardening": (" soil", " seeds", " flowers", " water", " plant", " tomato"),
+    "fitness": (" workout", " muscle", " run", " protein", " gym", " stretch"),
+    "money": (" budget", " savings", " loan", " bank", " tax", " income"),
+    "space": (" planet", " rocket", " star", " orbit", " moon", " galaxy"),
+    "pets": (" dog", " cat", " vet", " leash", " puppy", " treats"),
+}
+POLITE = (" sure", " glad", " happy", " thanks", " great", " welcome")
+# " ugh" and " nope" would be two GPT-2 tokens, hence " dumb" and " useless".
+RUDE = (" whatever", " boring", " stupid", " dumb", " lazy", " useless")
+FILLER = (" the", " a", " and", " it", " is", " very")
+
+TEMPLATES = (
+    "Can you tell me about {}?",
+    "Any tips on {}?",
+    "What should I know about {}?",
+    "I want to get better at {}. Any advice?",
+    "Tell me something interesting about {}.",
+    "Help me with {}, please.",
+)
+MULTI_TURN_PROB = 0.3
+MIN_WORDS, MAX_WORDS = 4, 10
+TIE_MARGIN = 0.1
+
+# Word values of gold_reward (topic words are resolved against the prompt's topic).
+ON_TOPIC, POLITE_VALUE, OTHER_TOPIC, RUDE_VALUE = 1.0, 0.5, -0.5, -1.0
+REPEAT_PENALTY = 0.5
+EMPTY_REWARD = -1.0
+
+_TOPIC_OF_WORD = {w.strip(): t for t, words in TOPICS.items() for w in words}
+_POLITE = {w.strip() for w in POLITE}
+_RUDE = {w.strip() for w in RUDE}
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def _words(text: str) -> list[str]:
+    # Punctuation becomes a separator so "oven," and "oven.salt" still count as words.
+    return text.lower().translate(_PUNCT).split()
+
+
+def prompt_topic(prompt: str) -> str | None:
+    """Topic named in the last human turn of `prompt` (first one mentioned), or None."""
+    start = prompt.rfind(HUMAN)
+    last_turn = prompt[start + len(HUMAN):] if start >= 0 else prompt
+    for word in _words(last_turn.split("\n\nAssistant:")[0]):
+        if word in TOPICS:
+            return word
+    return None
+
+
+def gold_reward(prompt: str, response: str) -> float:
+    """Ground-truth score of `response` to `prompt`; higher is better.
+
+    gold = mean over the response's words of value(word) - 0.5 * (repeats / n_words), where
+      value = +1 on-topic (a word of the topic named in the prompt's LAST human turn),
+              +0.5 polite, -0.5 other-topic (a word of any other topic), -1 rude,
+              0 filler and unknown words;
+      repeats = number of words equal to an earlier word of the same response.
+    Words: lowercased, punctuation turned into spaces, split on whitespace.
+    A response with no words scores -1. If the prompt names no topic, topic words score 0.
+    Range: [-1.5, 1].
+    """
+    words = _words(response)
+    if not words:
+        return EMPTY_REWARD
+    topic = prompt_topic(prompt)
+    total, repeats, seen = 0.0, 0, set()
+    for w in words:
+        if w in seen:
+            repeats += 1
+        seen.add(w)
+        word_topic = _TOPIC_OF_WORD.get(w)
+        if word_topic is not None:
+            if topic is not None:
+                total += ON_TOPIC if word_topic == topic else OTHER_TOPIC
+        elif w in _POLITE:
+            total += POLITE_VALUE
+        elif w in _RUDE:
+            total += RUDE_VALUE
+    n = len(words)
+    return total / n - REPEAT_PENALTY * repeats / n
+
+
+def gold_reward_batch(prompts: list[str], responses: list[str]) -> list[float]:
+    """`gold_reward` over parallel lists."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    return [gold_reward(p, r) for p, r in zip(prompts, responses)]
+
+
+def _response(rng: random.Random, topic: str) -> str:
+    """4-10 words mixing on-topic/other-topic/polite/rude/filler with random per-response weights.
+
+    Dirichlet(0.6) weights make most responses lean to one or two categories, so scores spread
+    from clearly bad to clearly good instead of clustering at the average.
+    """
+    others = [w for t, ws in TOPICS.items() if t != topic for w in ws]
+    pools = (TOPICS[topic], POLITE, tuple(others), RUDE, FILLER)
+    weights = [rng.gammavariate(0.6, 1.0) + 1e-6 for _ in pools]
+    n = rng.randint(MIN_WORDS, MAX_WORDS)
+    return "".join(rng.choice(pool) for pool in rng.choices(pools, weights=weights, k=n))
+
+
+def _prompt(rng: random.Random) -> str:
+    topics = list(TOPICS)
+    topic = rng.choice(topics)
+    turn = HUMAN + " " + rng.choice(TEMPLATES).format(topic) + "\n\nAssistant:"
+    if rng.random() < MULTI_TURN_PROB:
+        # An earlier exchange on a different topic: a model that ignores turn order gets misled.
+        earlier = rng.choice([t for t in topics if t != topic])
+        history = HUMAN + " " + rng.choice(TEMPLATES).format(earlier) + "\n\nAssistant:"
+        history += "".join(rng.choice(TOPICS[earlier] + POLITE) for _ in range(rng.randint(3, 6)))
+        turn = history + turn
+    return turn
+
+
+def generate_pairs(n_pairs: int, seed: int = 0) -> list[PreferencePair]:
+    """`n_pairs` pairs: two responses to one prompt, chosen = higher gold, near-ties skipped."""
+    rng = random.Random(seed)
+    pairs: list[PreferencePair] = []
+    while len(pairs) < n_pairs:
+        prompt = _prompt(rng)
+        topic = prompt_topic(prompt)
+        a, b = _response(rng, topic), _response(rng, topic)
+        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+        if abs(ga - gb) < TIE_MARGIN:
+            continue  # a near-tie is a noisy label; skipping keeps gold labels unambiguous
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        pairs.append(PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected))
+    return pairs
+
+
+@dataclass
+class SyntheticPreferences:
+    """Synthetic data source (the data config's `_target_`); `n_pairs` counts train + val."""
+
+    n_pairs: int = 4000
+    seed: int = 0
+    val_fraction: float = 0.1
+
+    # Same call as on HHRLHF (where it is None): `source.gold(prompt, response)`.
+    gold = staticmethod(gold_reward)
+
+    def load(self) -> PreferenceSplits:
+        if self.n_pairs <= 0:
+            raise ValueError(f"n_pairs must be positive, got {self.n_pairs}")
+        train, val = split_train_val(generate_pairs(self.n_pairs, self.seed), self.val_fraction, self.seed)
+        return PreferenceSplits(train=train, val=val, dropped=0)

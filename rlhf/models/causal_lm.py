@@ -1,0 +1,81 @@
+"""Loading the policy: a Hugging Face causal LM, either built from scratch or from pretrained weights.
+
+`model=tiny` builds a randomly initialised GPT-2 small enough for 2 CPU cores; `model=gpt2`
+calls `from_pretrained("gpt2")` (or `model.name_or_path=/local/dir`). Dropout is switched off
+everywhere: RLHF compares log-probs of the same tokens across passes, and dropout noise in
+those would show up as spurious KL and ratio != 1 (N+ implementation details, sec. 3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedModel
+
+
+from rlhf.errors import ConfigError, UserError
+
+
+class ModelLoadError(UserError, RuntimeError):
+    """A model could not be loaded; the message says what and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # label used in logs, summaries and model cards
+    name_or_path: str | None = None  # HF hub id or local directory; None builds `arch` from scratch
+    tokenizer: str = "gpt2-bundled"  # tokenizer id/path; gpt2-bundled is GPT-2's BPE shipped offline
+    arch: dict[str, Any] = field(default_factory=dict)  # GPT2Config fields when building from scratch
+    trust_remote_code: bool = False  # never run code from a model repo unless asked to
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"model config: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def from_pretrained(cls, path: str, what: str, **kwargs) -> PreTrainedModel:
+    """`cls.from_pretrained` with a one-line error instead of a hub traceback when offline."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"could not load {what} from '{path}' ({first[:200]}). "
+            "Without hub access, download it elsewhere and pass a local directory, "
+            "e.g. model.name_or_path=/path/to/gpt2"
+        ) from None
+
+
+def load_causal_lm(cfg: ModelConfig, init_from: str | None = None, vocab_size: int = 50257) -> PreTrainedModel:
+    """The policy: `init_from` (an earlier stage's export) wins over the model config."""
+    path = init_from or cfg.name_or_path
+    if path:
+        model = from_pretrained(AutoModelForCausalLM, path, "causal LM", trust_remote_code=cfg.trust_remote_code)
+    else:
+        arch = {"vocab_size": vocab_size, "n_positions": 256, **cfg.arch}
+        arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = GPT2LMHeadModel(GPT2Config(**arch))
+    return disable_dropout(model.float())
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)
+    return model

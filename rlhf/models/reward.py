@@ -1,0 +1,70 @@
+"""Reward and value models: a causal-LM backbone with a scalar head.
+
+Stored as `AutoModelForSequenceClassification` (num_labels=1), so plain `transformers` loads the
+export. We gather the score ourselves at the last attended token (rather than relying on
+`pad_token_id`, which equals eos for GPT-2) and apply the normalisation gain/bias the RM stage
+writes into the model config (`reward_mean`, `reward_std`): scores have mean 0 / std 1 on the
+training responses.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
+
+from rlhf.models.causal_lm import ModelConfig, disable_dropout, from_pretrained
+
+
+def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_id: int = 50256,
+                      vocab_size: int = 50257) -> PreTrainedModel:
+    """A scalar-head model: from an export (RM or SFT policy), the model config, or from scratch."""
+    path = init_from or cfg.name_or_path
+    if path:
+        model = from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
+                                trust_remote_code=cfg.trust_remote_code)
+    else:
+        arch = {"vocab_size": vocab_size, "n_positions": 256, **cfg.arch}
+        arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1)
+        model = GPT2ForSequenceClassification(GPT2Config(**arch))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return disable_dropout(model.float())
+
+
+def check_reward_model(path: str) -> None:
+    """Fail before any rollout when `path` is not a scalar-head model export."""
+    import json
+    from pathlib import Path
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"reward model path '{path}' has no config.json (not a saved model directory)")
+    conf = json.loads(cfg_file.read_text())
+    archs = conf.get("architectures") or []
+    n_labels = len(conf.get("id2label", {})) or conf.get("num_labels", 0)
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or n_labels != 1:
+        raise ValueError(f"'{path}' is not a reward model (architectures={archs}, labels={n_labels}); "
+                         "expected a *ForSequenceClassification export with one label, as the rm stage writes")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Raw scalar head output at every position, [B, T] (the value model uses all of them)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return model.score(hidden).squeeze(-1)
+
+
+def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  normalize: bool = True) -> torch.Tensor:
+    """Score of each sequence, read at its last attended token; [B]."""
+    values = token_values(model, input_ids, attention_mask)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
+    raw = values.gather(1, last[:, None]).squeeze(1)
+    if not normalize:
+        return raw
+    mean = getattr(model.config, "reward_mean", 0.0)
+    std = getattr(model.config, "reward_std", 1.0)
+    return (raw - mean) / std

@@ -1,0 +1,149 @@
+"""The run: SFT -> reward model -> PPO, each stage a LightningModule built from its config.
+
+`train(cfg)` is what `train.py` wraps with `@hydra.main`; tests call it in-process with a config
+from Hydra's compose API. Everything that can be checked (config values, data files, model and
+checkpoint paths, the output directory) is checked before the first model is built.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rlhf.errors import ConfigError, UserError
+from rlhf.models.causal_lm import ModelConfig
+from rlhf.models.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "rm", "ppo")
+CONFIG_KEY = {"sft": "sft", "rm": "rm", "ppo": "algo"}  # where each stage's settings live
+
+
+def plan_stages(cfg: DictConfig) -> list[str]:
+    if cfg.stage == "all":
+        return [s for s in STAGES if cfg.get(CONFIG_KEY[s]) is not None]
+    if cfg.stage not in STAGES:
+        raise ConfigError(f"stage={cfg.stage!r}: expected one of all, {', '.join(STAGES)}")
+    if cfg.get(CONFIG_KEY[cfg.stage]) is None:
+        raise ConfigError(f"stage={cfg.stage}: no '{CONFIG_KEY[cfg.stage]}' config group selected")
+    return [cfg.stage]
+
+
+def stage_config(cfg: DictConfig, stage: str):
+    node = cfg[CONFIG_KEY[stage]]
+    cls = get_class(node._target_)
+    return cls, cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), CONFIG_KEY[stage])
+
+
+def preflight(cfg: DictConfig, stages: list[str], run_dir: Path) -> dict:
+    """All checks that need no model: returns the validated stage configs."""
+    ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    steps = cfg.trainer.get("max_steps")
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be > 0, got {steps}")
+    confs = {}
+    for s in stages:
+        cls, conf = stage_config(cfg, s)
+        if hasattr(cls, "preflight"):
+            cls.preflight(conf, stages)
+        confs[s] = conf
+    if (run_dir / "summary.json").exists():
+        raise UserError(f"{run_dir} already holds a finished run (summary.json); refusing to overwrite it")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {run_dir} is not writable: {e.strerror}") from None
+    return confs
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, run_dir / "summary.json")  # atomic: a killed run never leaves half a file
+
+
+def print_stage_summary(stage: str, result: dict, seconds: float) -> None:
+    print(f"\n=== stage {stage} done in {seconds:.1f}s ===")
+    for k, v in result.items():
+        print(f"  {k:<22} {v:.4f}" if isinstance(v, float) else f"  {k:<22} {v}")
+
+
+def _instantiate_dict(node) -> list:
+    return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+
+
+def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, artifacts: dict, run_dir: Path) -> dict:
+    from rlhf.data import PreferenceDataModule
+
+    stage_dir = run_dir / stage
+    scfg = cfg.copy()
+    with open_dict(scfg):
+        scfg.stage_dir = str(stage_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    node = scfg[CONFIG_KEY[stage]]
+    cls = get_class(node._target_)
+    dm = PreferenceDataModule(splits, tokenizer, cls.data_mode, conf.batch_size, conf.max_prompt_length,
+                              conf.max_response_length, seed=cfg.seed)
+    module = instantiate(node, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
+                         **cls.init_kwargs(conf, artifacts, tokenizer, cfg))
+    steps = cfg.trainer.get("max_steps") or conf.max_steps
+    per_batch = getattr(module, "optimizer_steps_per_batch", 1)  # PPO steps its optimizer E*M times a batch
+    callbacks = _instantiate_dict(scfg.get("callbacks"))
+    for cb in callbacks:
+        if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb._every_n_train_steps:
+            cb._every_n_train_steps *= per_batch
+    trainer_kwargs = dict(max_steps=steps * per_batch, logger=_instantiate_dict(scfg.get("logger")) or False,
+                          callbacks=callbacks, default_root_dir=str(stage_dir), max_epochs=-1)
+    if hasattr(module, "validation_step"):
+        trainer_kwargs.update(val_check_interval=min(conf.val_every, steps), check_val_every_n_epoch=None,
+                              limit_val_batches=conf.val_batches)
+    else:
+        trainer_kwargs.update(limit_val_batches=0)
+    trainer = instantiate(scfg.trainer, **trainer_kwargs)
+    trainer.fit(module, datamodule=dm)
+    if trainer.global_rank != 0:
+        return {}
+    return module.finish(dm, stage_dir, tokenizer, source)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the configured stages; returns the run summary (also written to summary.json)."""
+    start = time.time()
+    run_dir = Path(cfg.paths.output_dir)
+    stages = plan_stages(cfg)
+    confs = preflight(cfg, stages, run_dir)
+    source = instantiate(cfg.data)
+    splits = source.load()  # reads and validates every data file before any model exists
+    tokenizer = load_tokenizer(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
+    summary: dict = {"run_dir": str(run_dir), "stages": {}, "model": cfg.model.name,
+                     "data": cfg.data._target_.rsplit(".", 1)[-1], "seed": cfg.seed}
+    artifacts: dict = {}
+    for stage in stages:
+        t0 = time.time()
+        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir)
+        if not result:  # non-zero ranks under DDP
+            continue
+        artifacts[stage] = result.get("model_dir")
+        summary["stages"][stage] = result
+        summary.update({k: v for k, v in result.items() if k in HEADLINE})
+        summary["seconds"] = round(time.time() - start, 1)
+        write_summary(run_dir, summary)
+        print_stage_summary(stage, result, time.time() - t0)
+    print(f"\nrun finished in {time.time() - start:.1f}s; outputs in {run_dir}"
+          f"\n  summary: {run_dir / 'summary.json'}\n  curves:  tensorboard --logdir {run_dir.parent.parent}")
+    return summary
+
+
+# Numbers a sweep compares: lifted from stage results to the top of summary.json.
+HEADLINE = {"sft_val_loss", "rm_accuracy", "gold_reward_before", "gold_reward_after", "gold_win_rate",
+            "kl_final", "reward_final"}

@@ -1,0 +1,29 @@
+"""Train: SFT -> reward model -> PPO on a Hugging Face causal LM.
+
+    python train.py                                   # tiny GPT-2, synthetic data, CPU, a few minutes
+    python train.py model=gpt2 lr=3e-5                # real GPT-2
+    python train.py -m lr=1e-5,3e-5,1e-4 algo.kl_coef=0.02,0.05,0.1   # sweep
+
+A thin Hydra wrapper around `rlhf.pipeline.train`.
+"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from rlhf.data import DataError
+    from rlhf.errors import UserError
+    from rlhf.pipeline import train
+
+    try:
+        train(cfg)
+    except (UserError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
