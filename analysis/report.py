@@ -1,0 +1,142 @@
+"""Write PNG figures and a Markdown ``report.md`` for a run or a sweep.
+
+Default output folder: the run (or sweep) directory itself, or the CSV's folder.
+A run gets ``dashboard.png``, ``moving_average.png`` and a metrics table; a sweep
+gets ``sweep_reward_vs_kl.png``, ``sweep_final_reward.png`` and a per-run table
+ranked by :func:`analysis.sweep.rank_runs`, plus the failed jobs. Warnings
+(duplicated/out-of-order steps, NaN/inf, KL spikes, suspected collapse) are listed.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .load import is_sweep_dir, load_run, load_sweep
+from .metrics import compute_metrics, metric_warnings
+from .sweep import rank_runs, sweep_table, varying_params
+
+DESCRIPTIONS = {
+    "num_steps": "rows after de-duplication",
+    "policy_loss_reduction_pct": "(pl[0] - pl[-1]) / pl[0] * 100",
+    "reward_improvement": "rs[-1] - rs[0]",
+    "training_stability": "1 / (1 + var(pl)), notebook score (unit-dependent)",
+    "final_policy_loss_ma": "last value of the window moving average of policy loss",
+    "final_reward_score_ma": "last value of the window moving average of reward",
+    "policy_loss_relative_noise": "std(diff(pl)) / sqrt(2) / mean(|pl|)",
+    "policy_loss_stability": "1 / (1 + relative noise of pl), scale-free, 1 = smooth",
+    "reward_stability": "1 / (1 + relative noise of reward)",
+    "reward_per_kl": "(mean(rs[-w:]) - mean(rs[:w])) / mean(kl[-w:])",
+    "collapse_suspected": "reward trend t <= -2 and KL trend t >= 2 over the last window",
+    "kl_spike_count": "KL above its rolling median by > k robust SDs (see kl_spikes)",
+    "nan_count": "NaN values in the four metric columns",
+    "inf_count": "inf values in the four metric columns",
+}
+SWEEP_COLUMNS = ("final_reward_score", "final_kl_divergence", "reward_per_kl", "policy_loss_reduction_pct",
+                 "policy_loss_stability", "collapse_suspected", "kl_spike_count")
+
+
+def fmt(v) -> str:
+    """Format a metric value for tables: 6 significant digits, yes/no, n/a for missing."""
+    if v is None or v is pd.NA:
+        return "n/a"
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
+        v = v.item()  # numpy scalar -> Python
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.6g}"
+    return str(v)
+
+
+def _md_table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return out
+
+
+def default_out_dir(path: Path, out_dir=None) -> Path:
+    """``out_dir`` if given, else the input directory (or the CSV's folder); created if missing."""
+    out = Path(out_dir) if out_dir is not None else (path if path.is_dir() else path.parent)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_warnings(df: pd.DataFrame, metrics: dict) -> list[str]:
+    """Loader warnings (``df.attrs['warnings']``) followed by :func:`metric_warnings`."""
+    return list(df.attrs.get("warnings", [])) + metric_warnings(metrics)
+
+
+def write_run_report(df: pd.DataFrame, metrics: dict, out_dir: Path, window: int = 50, lang: str = "en") -> Path:
+    """Figures + ``report.md`` for one loaded run; returns the report path."""
+    out_dir = Path(out_dir)
+    plots.dashboard(df, out_dir / "dashboard.png", lang=lang, window=window)
+    plots.moving_average_figure(df, out_dir / "moving_average.png", window=window, lang=lang)
+    warnings = run_warnings(df, metrics)
+    lines = [
+        "# RLHF run report", "",
+        f"Source: `{df.attrs.get('source', '?')}` ({df.attrs.get('source_kind', '?')}), "
+        f"{metrics['num_steps']} steps ({metrics['first_step']} to {metrics['last_step']}), window {window}.", "",
+        "## Warnings", "",
+    ]
+    lines += [f"- {w}" for w in warnings] or ["None."]
+    lines += ["", "## Metrics", ""]
+    lines += _md_table(["metric", "value", "definition"], [[k, v, DESCRIPTIONS.get(k, "")] for k, v in metrics.items()])
+    lines += ["", "## Figures", "", "![Training dashboard](dashboard.png)", "",
+              "![Moving averages](moving_average.png)", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def write_sweep_report(df: pd.DataFrame, ranked: pd.DataFrame, out_dir: Path, window: int = 50,
+                       lang: str = "en") -> Path:
+    """Figures + ``report.md`` for a sweep; ``ranked`` comes from :func:`rank_runs`."""
+    out_dir = Path(out_dir)
+    params = varying_params(ranked) or list(ranked.attrs.get("params", []))
+    plots.sweep_reward_vs_kl(df, out_dir / "sweep_reward_vs_kl.png", window=window, lang=lang,
+                             table=ranked, params=params)
+    plots.sweep_final_reward(ranked, out_dir / "sweep_final_reward.png", params=varying_params(ranked), lang=lang)
+    failed = ranked.attrs.get("failed_jobs", {})
+    max_kl = ranked.attrs.get("max_kl")
+    bound = f"final_kl_divergence <= {max_kl:g}" if max_kl is not None else "no KL bound"
+    verb = "maximise" if ranked.attrs.get("maximize", True) else "minimise"
+    lines = [
+        "# RLHF sweep report", "",
+        f"Source: `{df.attrs.get('source', '?')}`: {len(ranked)} run(s) analysed, {len(failed)} failed; "
+        f"window {window}.", "",
+        f"Objective: {verb} `{ranked.attrs.get('objective')}` among runs with {bound}.", "",
+        "## Ranking", "",
+    ]
+    cols = ["rank", "run"] + list(ranked.attrs.get("params", [])) + list(SWEEP_COLUMNS)
+    rows = [[r[c] if c != "rank" or not pd.isna(r[c]) else "-" for c in cols] for _, r in ranked.iterrows()]
+    lines += _md_table(cols, rows)
+    lines += ["", "## Failed jobs", ""]
+    lines += [f"- job {name}: {why}" for name, why in failed.items()] or ["None."]
+    lines += ["", "## Warnings", ""]
+    warn = [f"- run {run}: {w}" for run, ws in ranked.attrs.get("warnings", {}).items() for w in ws]
+    lines += warn or ["None."]
+    lines += ["", "## Figures", "", "![Reward vs KL per run](sweep_reward_vs_kl.png)", "",
+              "![Final reward by hyperparameter](sweep_final_reward.png)", ""]
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report
+
+
+def write_report(path, out_dir=None, window: int = 50, lang: str = "en", max_kl: float | None = None,
+                 objective: str = "final_reward_score") -> Path:
+    """Load ``path`` (CSV, run directory or multirun directory), then write figures and ``report.md``.
+
+    ``max_kl`` and ``objective`` only matter for a sweep (see :func:`analysis.sweep.rank_runs`).
+    Returns the path of ``report.md``.
+    """
+    path = Path(path)
+    plots.check_lang(lang)  # fail on a bad language or missing CJK font before any work
+    if is_sweep_dir(path):
+        df, _failed = load_sweep(path)
+        ranked = rank_runs(sweep_table(df, window), objective=objective, max_kl=max_kl)
+        return write_sweep_report(df, ranked, default_out_dir(path, out_dir), window, lang)
+    df = load_run(path)
+    return write_run_report(df, compute_metrics(df, window), default_out_dir(path, out_dir), window, lang)
