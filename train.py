@@ -11,6 +11,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from rlhf.config import register_configs
+
+register_configs()  # typed schemas behind conf/algo and conf/model
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:

@@ -20,6 +20,8 @@ TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 class MetricsCSV(pl.Callback):
     """Writes `pl_module.csv_row` (a dict the module sets in `training_step`) after every batch.
 
+    A module with a `csv_columns` list (PPO) fixes the leading columns; otherwise `columns` does.
+
     columns: the leading columns, in order; the module's other keys follow, sorted, then the
     `timestamp` column last unless `columns` places it. `step` is the 1-based number of
     training batches done (one PPO update, or one optimizer step in SFT/RM).
@@ -34,8 +36,9 @@ class MetricsCSV(pl.Callback):
         if self.path.exists() and self.path.stat().st_size > 0:
             with self.path.open(newline="") as f:
                 return next(csv.reader(f))
-        extra = sorted(k for k in row if k not in self.columns and k != "timestamp")
-        header = self.columns + extra + ([] if "timestamp" in self.columns else ["timestamp"])
+        lead = list(getattr(self, "_module_columns", None) or self.columns)
+        extra = sorted(k for k in row if k not in lead and k != "timestamp")
+        header = lead + extra + ([] if "timestamp" in lead else ["timestamp"])
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("w", newline="") as f:
             csv.writer(f).writerow(header)
@@ -49,6 +52,7 @@ class MetricsCSV(pl.Callback):
         row = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped + 1, **row,
                "timestamp": time.strftime(TIME_FORMAT)}
         if self._header is None:
+            self._module_columns = getattr(pl_module, "csv_columns", None)  # a stage may fix its schema
             self._header = self._open_header(row)
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c, "")) for c in self._header])

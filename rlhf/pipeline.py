@@ -16,6 +16,8 @@ import pytorch_lightning as pl
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from pytorch_lightning.utilities.model_helpers import is_overridden
+
 from rlhf.errors import ConfigError, UserError
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.tokenizer import load_tokenizer
@@ -96,6 +98,8 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
                               conf.max_response_length, seed=cfg.seed)
     module = instantiate(node, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
                          **cls.init_kwargs(conf, artifacts, tokenizer, cfg))
+    if hasattr(module, "gold"):
+        module.gold = getattr(source, "gold", None)  # ground truth is known on synthetic data only
     steps = cfg.trainer.get("max_steps") or conf.max_steps
     per_batch = getattr(module, "optimizer_steps_per_batch", 1)  # PPO steps its optimizer E*M times a batch
     callbacks = _instantiate_dict(scfg.get("callbacks"))
@@ -104,7 +108,7 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
             cb._every_n_train_steps *= per_batch
     trainer_kwargs = dict(max_steps=steps * per_batch, logger=_instantiate_dict(scfg.get("logger")) or False,
                           callbacks=callbacks, default_root_dir=str(stage_dir), max_epochs=-1)
-    if hasattr(module, "validation_step"):
+    if is_overridden("validation_step", module):
         trainer_kwargs.update(val_check_interval=min(conf.val_every, steps), check_val_every_n_epoch=None,
                               limit_val_batches=conf.val_batches)
     else:

@@ -184,7 +184,7 @@ def test_vocabulary_is_single_gpt2_tokens(tok):
 
 def test_gold_on_hand_examples():
     cook = prompt_about("cooking")
-    assert gold_reward(cook, " recipe oven salt") == pytest.approx(1.0)
+    assert gold_reward(cook, " recipe oven salt") == pytest.approx(0.5)
     assert gold_reward(cook, " recipe oven salt") > gold_reward(cook, " guitar song melody")  # on > off topic
     assert gold_reward(cook, " sure glad thanks") > gold_reward(cook, " stupid lazy boring")  # polite > rude
     assert gold_reward(cook, " the a it") == 0.0
@@ -196,15 +196,15 @@ def test_gold_on_hand_examples():
     assert gold_reward(cook, " recipe oven salt pan flavor dinner") == gold_reward(cook, " recipe oven")
     # Robust parsing: case and punctuation don't matter.
     assert gold_reward(cook, " Recipe, OVEN! salt.") == gold_reward(cook, " recipe oven salt")
-    # Exact formula: (1 + 0.5 - 1 + 0 + 1) / 5 - 0.5 * 1/5
-    assert gold_reward(cook, " oven thanks stupid the oven") == pytest.approx(1.5 / 5 - 0.1)
+    # Exact formula: (0.5 + 0.5 - 1 + 0 + 0.5) / 5 - 0.5 * 1/5
+    assert gold_reward(cook, " oven thanks stupid the oven") == pytest.approx(0.5 / 5 - 0.1)
 
 
 def test_gold_uses_last_human_turn():
     prompt = "\n\nHuman: Any tips on music?\n\nAssistant: song band\n\nHuman: Any tips on cooking?\n\nAssistant:"
-    assert gold_reward(prompt, " recipe oven") == pytest.approx(1.0)
-    assert gold_reward(prompt, " song band") == pytest.approx(-0.5)
-    assert gold_reward_batch([prompt, prompt_about("music")], [" song band"] * 2) == [-0.5, 1.0]
+    assert gold_reward(prompt, " recipe oven") == pytest.approx(0.5)
+    assert gold_reward(prompt, " song band") == pytest.approx(-0.25)
+    assert gold_reward_batch([prompt, prompt_about("music")], [" song band"] * 2) == [-0.25, 0.5]
 
 
 # --------------------------------------------------------------------------- datamodule

@@ -163,6 +163,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            # PPO splits each rollout batch into equal minibatches: a short last batch would not divide.
+            drop_last=shuffle and self.mode == "prompts",
             generator=generator,
             collate_fn=_Collate(self.mode, self.eos_id),
             num_workers=self.num_workers,

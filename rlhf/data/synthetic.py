@@ -45,10 +45,10 @@ TEMPLATES = (
 )
 MULTI_TURN_PROB = 0.3
 MIN_WORDS, MAX_WORDS = 4, 10
-TIE_MARGIN = 0.1
+TIE_MARGIN = 0.3  # wide enough that labels are unambiguous at a tiny model's resolution
 
 # Word values of gold_reward (topic words are resolved against the prompt's topic).
-ON_TOPIC, POLITE_VALUE, OTHER_TOPIC, RUDE_VALUE = 1.0, 0.5, -0.5, -1.0
+ON_TOPIC, POLITE_VALUE, OTHER_TOPIC, RUDE_VALUE = 0.5, 0.5, -0.25, -1.0
 REPEAT_PENALTY = 0.5
 EMPTY_REWARD = -1.0
 
@@ -77,13 +77,13 @@ def gold_reward(prompt: str, response: str) -> float:
     """Ground-truth score of `response` to `prompt`; higher is better.
 
     gold = mean over the response's words of value(word) - 0.5 * (repeats / n_words), where
-      value = +1 on-topic (a word of the topic named in the prompt's LAST human turn),
-              +0.5 polite, -0.5 other-topic (a word of any other topic), -1 rude,
+      value = +0.5 on-topic (a word of the topic named in the prompt's LAST human turn),
+              +0.5 polite, -0.25 other-topic (a word of any other topic), -1 rude,
               0 filler and unknown words;
       repeats = number of words equal to an earlier word of the same response.
     Words: lowercased, punctuation turned into spaces, split on whitespace.
     A response with no words scores -1. If the prompt names no topic, topic words score 0.
-    Range: [-1.5, 1].
+    Range: [-1.5, 0.5].
     """
     words = _words(response)
     if not words:
@@ -126,20 +126,25 @@ def _response(rng: random.Random, topic: str) -> str:
     return "".join(rng.choice(pool) for pool in rng.choices(pools, weights=weights, k=n))
 
 
+def _ask(rng: random.Random, topic: str) -> str:
+    """A human turn naming `topic`."""
+    return HUMAN + " " + rng.choice(TEMPLATES).format(topic)
+
+
 def _prompt(rng: random.Random) -> str:
     topics = list(TOPICS)
     topic = rng.choice(topics)
-    turn = HUMAN + " " + rng.choice(TEMPLATES).format(topic) + "\n\nAssistant:"
+    turn = _ask(rng, topic) + "\n\nAssistant:"
     if rng.random() < MULTI_TURN_PROB:
         # An earlier exchange on a different topic: a model that ignores turn order gets misled.
         earlier = rng.choice([t for t in topics if t != topic])
-        history = HUMAN + " " + rng.choice(TEMPLATES).format(earlier) + "\n\nAssistant:"
+        history = _ask(rng, earlier) + "\n\nAssistant:"
         history += "".join(rng.choice(TOPICS[earlier] + POLITE) for _ in range(rng.randint(3, 6)))
         turn = history + turn
     return turn
 
 
-def generate_pairs(n_pairs: int, seed: int = 0) -> list[PreferencePair]:
+def generate_pairs(n_pairs: int, seed: int = 0, tie_margin: float = TIE_MARGIN) -> list[PreferencePair]:
     """`n_pairs` pairs: two responses to one prompt, chosen = higher gold, near-ties skipped."""
     rng = random.Random(seed)
     pairs: list[PreferencePair] = []
@@ -148,7 +153,7 @@ def generate_pairs(n_pairs: int, seed: int = 0) -> list[PreferencePair]:
         topic = prompt_topic(prompt)
         a, b = _response(rng, topic), _response(rng, topic)
         ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
-        if abs(ga - gb) < TIE_MARGIN:
+        if abs(ga - gb) < tie_margin:
             continue  # a near-tie is a noisy label; skipping keeps gold labels unambiguous
         chosen, rejected = (a, b) if ga > gb else (b, a)
         pairs.append(PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected))
@@ -162,6 +167,7 @@ class SyntheticPreferences:
     n_pairs: int = 4000
     seed: int = 0
     val_fraction: float = 0.1
+    tie_margin: float = TIE_MARGIN  # pairs whose gold scores differ by less are skipped
 
     # Same call as on HHRLHF (where it is None): `source.gold(prompt, response)`.
     gold = staticmethod(gold_reward)
@@ -169,5 +175,5 @@ class SyntheticPreferences:
     def load(self) -> PreferenceSplits:
         if self.n_pairs <= 0:
             raise ValueError(f"n_pairs must be positive, got {self.n_pairs}")
-        train, val = split_train_val(generate_pairs(self.n_pairs, self.seed), self.val_fraction, self.seed)
+        train, val = split_train_val(generate_pairs(self.n_pairs, self.seed, self.tie_margin), self.val_fraction, self.seed)
         return PreferenceSplits(train=train, val=val, dropped=0)

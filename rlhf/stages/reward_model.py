@@ -23,6 +23,7 @@ from rlhf.stages.common import StageConfig, adamw_with_schedule, export_hf
 
 @dataclass
 class RMConfig(StageConfig):
+    _target_: str = "rlhf.stages.reward_model.RewardModelModule"  # the LightningModule Hydra instantiates
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 20  # linear warm-up steps, then linear decay to 0

@@ -14,11 +14,13 @@ import pytorch_lightning as pl
 import torch
 
 from rlhf.models.causal_lm import ModelConfig, load_causal_lm
+from rlhf.models.sampling import backbone_hidden
 from rlhf.stages.common import StageConfig, adamw_with_schedule, export_hf
 
 
 @dataclass
 class SFTConfig(StageConfig):
+    _target_: str = "rlhf.stages.sft.SFTModule"  # the LightningModule Hydra instantiates
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 20  # linear warm-up steps, then linear decay to 0 at max_steps
@@ -46,8 +48,16 @@ class SFTModule(pl.LightningModule):
         self.model = load_causal_lm(self.model_cfg, init_from)
 
     def _loss(self, batch) -> torch.Tensor:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss
+        """Mean next-token cross-entropy over response tokens.
+
+        The LM head runs only where a label exists: with a 50k vocabulary, logits for prompt and
+        padding positions would be most of the step's work and all of its memory.
+        """
+        hidden = backbone_hidden(self.model, batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
