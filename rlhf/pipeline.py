@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import transformers
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -117,12 +118,27 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     trainer.fit(module, datamodule=dm)
     if trainer.global_rank != 0:
         return {}
-    return module.finish(dm, stage_dir, tokenizer, source)
+    result = module.finish(dm, stage_dir, tokenizer, source)
+    log_hparams(trainer, cfg, stage, result)
+    return result
+
+
+def log_hparams(trainer, cfg: DictConfig, stage: str, result: dict) -> None:
+    """Hyperparameters next to the stage's final numbers: TensorBoard's HParams tab compares sweep runs."""
+    node = OmegaConf.to_container(cfg[CONFIG_KEY[stage]], resolve=True)
+    params = {f"{stage}/{k}": v for k, v in node.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
+    params.update(model=cfg.model.name, seed=cfg.seed)
+    metrics = {f"final/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for lg in trainer.loggers:
+        if isinstance(lg, pl.loggers.TensorBoardLogger):
+            lg.log_hyperparams(params, metrics=metrics)
 
 
 def train(cfg: DictConfig) -> dict:
     """Run the configured stages; returns the run summary (also written to summary.json)."""
     start = time.time()
+    transformers.logging.set_verbosity_error()  # load reports and progress bars drown the stage summaries
+    transformers.utils.logging.disable_progress_bar()
     run_dir = Path(cfg.paths.output_dir)
     stages = plan_stages(cfg)
     confs = preflight(cfg, stages, run_dir)

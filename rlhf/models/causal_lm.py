@@ -45,7 +45,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def from_pretrained(cls, path: str, what: str, **kwargs) -> PreTrainedModel:
+def from_pretrained(cls, path: str, what: str, **kwargs):
     """`cls.from_pretrained` with a one-line error instead of a hub traceback when offline."""
     try:
         return cls.from_pretrained(path, **kwargs)

@@ -11,6 +11,8 @@ import os
 
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerBase
 
+from rlhf.models.causal_lm import from_pretrained
+
 BUNDLED_GPT2 = "gpt2-bundled"
 
 
@@ -32,7 +34,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if name_or_path == BUNDLED_GPT2:
         tok = _bundled_gpt2()
     else:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tok = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

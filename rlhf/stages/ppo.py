@@ -101,8 +101,12 @@ class PPOModule(pl.LightningModule):
         self.rm_tokenizer = load_tokenizer(reward_init)
         # A reward model with another vocabulary gets text: decode, then re-encode with its tokenizer.
         self.same_tokenizer = self.rm_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-        if c.value_model == "separate":  # initialised from the reward model (N+ details, sec. 2)
-            self.value_model = load_reward_model(self.model_cfg, reward_init, self.tokenizer.pad_token_id)
+        self.rm_tokenizer.truncation_side = "left"  # an over-long input loses old context, not the response
+        if c.value_model == "separate":
+            # Initialised from the reward model (N+ details), which must read the policy's tokens;
+            # with another vocabulary the value model starts from the policy instead.
+            value_init = reward_init if self.same_tokenizer else policy_init
+            self.value_model = load_reward_model(self.model_cfg, value_init, self.tokenizer.pad_token_id)
         else:
             self.value_head = nn.Linear(self.policy.config.hidden_size, 1)
             nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(self.policy.config.hidden_size + 1))

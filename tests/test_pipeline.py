@@ -1,0 +1,251 @@
+"""The Hydra pipeline end to end: config composition and validation, the SFT and RM stages and their
+exports, local HH files, run-directory protection and the `train.py` CLI error path."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import transformers
+from hydra.errors import MissingConfigException
+from safetensors.torch import load_file
+
+from rlhf.data import DataError
+from rlhf.errors import ConfigError, UserError
+from rlhf.pipeline import train
+
+from conftest import REPO, RM_STEPS, SFT_STEPS, TINY_DATA, TINY_RM, compose_train
+
+
+# ----------------------------------------------------------------------------- composition
+def test_default_config_composes(compose_cfg, tmp_path):
+    cfg = compose_cfg(tmp_path)
+    assert cfg.stage == "all"
+    assert cfg.algo._target_ == "rlhf.stages.ppo.PPOModule"
+    assert cfg.sft._target_ == "rlhf.stages.sft.SFTModule"
+    assert cfg.rm._target_ == "rlhf.stages.reward_model.RewardModelModule"
+    assert cfg.model.name == "tiny"
+    assert cfg.paths.output_dir == str(tmp_path)
+
+    cfg = compose_cfg(tmp_path, "lr=1e-5", "seed=7")
+    assert cfg.algo.lr == pytest.approx(1e-5)
+    assert cfg.data.seed == 7
+
+    cfg = compose_cfg(tmp_path, "model=gpt2", "lr=3e-5", "stage=ppo")
+    assert cfg.model.name_or_path == "gpt2"
+    assert cfg.model.tokenizer == "gpt2"
+    assert cfg.algo.lr == pytest.approx(3e-5)
+    assert cfg.stage == "ppo"
+
+
+def test_unknown_model_fails_at_compose(compose_cfg, tmp_path):
+    with pytest.raises(MissingConfigException, match="nope"):
+        compose_cfg(tmp_path, "model=nope")
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.fixture
+def no_models(monkeypatch):
+    """Any attempt to build a model (from scratch or from_pretrained) fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the config was validated")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+    import rlhf.stages.ppo
+    import rlhf.stages.reward_model
+    import rlhf.stages.sft
+
+    for mod, name in ((rlhf.stages.sft, "load_causal_lm"), (rlhf.stages.ppo, "load_causal_lm"),
+                      (rlhf.stages.ppo, "load_reward_model"), (rlhf.stages.reward_model, "load_reward_model")):
+        monkeypatch.setattr(mod, name, refuse)
+
+
+BAD_VALUES = [
+    (["lr=-1"], r"algo: .*\blr\b"),
+    (["sft.batch_size=0"], r"sft: .*\bbatch_size\b"),
+    (["algo.num_mini_batches=3"], r"algo: .*\bnum_mini_batches\b"),
+    (["algo.response_length=0"], r"algo: .*\bresponse_length\b"),
+    (["algo.kl_coef=-0.1"], r"algo: .*\bkl_coef\b"),
+    (["stage=ppo", "algo.reward_model_path=/nonexistent"], r"algo\.reward_model_path.*/nonexistent"),
+]
+
+
+@pytest.mark.parametrize("overrides,pattern", BAD_VALUES, ids=[" ".join(o) for o, _ in BAD_VALUES])
+def test_bad_values_rejected_before_any_model(no_models, tmp_path, overrides, pattern):
+    run = tmp_path / "run"
+    cfg = compose_train(run, *overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        train(cfg)
+    assert not any((run / s).exists() for s in ("sft", "rm", "ppo"))
+    assert not (run / "summary.json").exists()
+
+
+def test_causal_lm_export_is_not_a_reward_model(trained_artifacts, no_models, tmp_path):
+    run = tmp_path / "run"
+    cfg = compose_train(run, "stage=ppo", f"algo.reward_model_path={trained_artifacts['sft']}")
+    with pytest.raises(ConfigError, match=r"algo\.reward_model_path.*not a reward model"):
+        train(cfg)
+    assert not (run / "ppo").exists()
+
+
+def test_config_error_is_user_error():
+    assert issubclass(ConfigError, UserError)
+
+
+# ----------------------------------------------------------------------------- SFT stage
+def test_sft_loss_decreases(trained_artifacts):
+    df = pd.read_csv(trained_artifacts["run"] / "sft" / "metrics.csv")
+    assert df["step"].tolist() == list(range(1, SFT_STEPS + 1))
+    loss = df["loss"]
+    assert loss.notna().all()
+    first, last = loss.iloc[:5].mean(), loss.iloc[-5:].mean()
+    # From ~ln(50257) = 10.8 at random init; 40 small steps at lr 1e-3 take it well below.
+    assert last < first - 1.0, (first, last)
+    summary = trained_artifacts["summary_json"]
+    assert summary["stages"]["sft"]["model_dir"] == str(trained_artifacts["sft"])
+    assert 0 < summary["sft_val_loss"] < first
+
+
+def test_sft_export_matches_trained_weights(trained_artifacts):
+    model_dir = trained_artifacts["sft"]
+    ckpt = torch.load(trained_artifacts["run"] / "sft" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)
+    assert ckpt["global_step"] == SFT_STEPS  # the checkpoint holds the final weights
+    trained = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    assert trained
+
+    # The safetensors file holds exactly the trained numbers.
+    saved = load_file(str(model_dir / "model.safetensors"))
+    assert saved
+    for k, v in saved.items():
+        assert torch.equal(v, trained[k]), k
+
+    # Plain transformers reloads it: every trained tensor, and the logits of the trained weights.
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    assert tok("Hello world").input_ids == [15496, 995]
+    assert tok.eos_token_id == 50256
+    state = model.state_dict()
+    for k, v in trained.items():
+        assert torch.equal(state[k], v), k
+
+    reference = transformers.GPT2LMHeadModel(model.config).eval()
+    missing, unexpected = reference.load_state_dict(trained, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    ids = tok(["\n\nHuman: Any tips on cooking?\n\nAssistant: sure recipe oven"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
+    # Trained, not a fresh init: the export differs from a new model of the same config.
+    fresh = transformers.GPT2LMHeadModel(model.config)
+    assert not torch.equal(fresh.transformer.h[0].attn.c_attn.weight, state["transformer.h.0.attn.c_attn.weight"])
+
+
+# ----------------------------------------------------------------------------- RM stage
+def test_rm_export_scores_match_plain_transformers(trained_artifacts):
+    from rlhf.models.reward import reward_scores
+
+    model_dir = trained_artifacts["rm"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    assert model.config.num_labels == 1
+    mean, std = model.config.reward_mean, model.config.reward_std
+    assert isinstance(mean, float) and isinstance(std, float) and std > 0
+    assert (mean, std) != (0.0, 1.0)  # the calibration was stored, not left at the identity
+
+    texts = ["\n\nHuman: Any tips on music?\n\nAssistant: sure song guitar melody band",
+             "\n\nHuman: Tell me about pets.\n\nAssistant: whatever boring stupid dumb lazy"]
+    enc = [tok(t).input_ids for t in texts]
+    n = min(map(len, enc))
+    ids = torch.tensor([e[:n] for e in enc])  # same length: no padding anywhere
+    assert not (ids == tok.pad_token_id).any()
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits[:, 0]
+        ours = reward_scores(model, ids, torch.ones_like(ids))
+        raw = reward_scores(model, ids, torch.ones_like(ids), normalize=False)
+    torch.testing.assert_close(ours, (plain - mean) / std, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(raw, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_rm_summary_and_metrics(trained_artifacts):
+    summary = trained_artifacts["summary_json"]
+    assert 0.0 <= summary["rm_accuracy"] <= 1.0
+    assert summary["stages"]["rm"]["rm_accuracy"] == summary["rm_accuracy"]
+    assert summary["stages"]["rm"]["rm_val_pairs"] == 30  # 10% of 300 pairs held out
+    df = pd.read_csv(trained_artifacts["run"] / "rm" / "metrics.csv")
+    assert df["step"].tolist() == list(range(1, RM_STEPS + 1))
+    assert {"loss", "accuracy", "margin", "learning_rate", "batch_size", "timestamp"} <= set(df.columns)
+    assert df["loss"].notna().all() and df["accuracy"].between(0, 1).all()
+
+
+# ----------------------------------------------------------------------------- local HH files
+def _hh_lines(n: int) -> list[str]:
+    lines = []
+    for i in range(n):
+        if i % 3 == 0:  # multi-turn: an earlier exchange, then the compared last turn
+            prompt = (f"\n\nHuman: What is {i} plus one?\n\nAssistant: It is {i + 1}."
+                      f"\n\nHuman: And {i} plus two?\n\nAssistant:")
+        else:
+            prompt = f"\n\nHuman: Can you tell me about topic number {i}?\n\nAssistant:"
+        chosen = prompt + f" Sure, topic {i} is interesting and here is why."
+        rejected = prompt + " Whatever, I don't care."
+        lines.append(json.dumps({"chosen": chosen, "rejected": rejected}))
+    return lines
+
+
+def test_rm_on_local_hh_file(tmp_path, compose_cfg):
+    data = tmp_path / "hh.jsonl"
+    data.write_text("\n".join(_hh_lines(30)) + "\n")
+    run = tmp_path / "run"
+    cfg = compose_cfg(run, "stage=rm", "data=hh_rlhf", f"data.data_files={data}", "trainer.max_steps=3", *TINY_RM)
+    summary = train(cfg)
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["data"] == "HHRLHF"
+    assert set(on_disk["stages"]) == {"rm"}
+    assert 0.0 <= on_disk["rm_accuracy"] <= 1.0
+    assert summary["rm_accuracy"] == on_disk["rm_accuracy"]
+    assert pd.read_csv(run / "rm" / "metrics.csv")["step"].tolist() == [1, 2, 3]
+    assert (run / "rm" / "model" / "model.safetensors").is_file()
+
+
+def test_bad_hh_file_rejected_before_any_stage(tmp_path, compose_cfg, no_models):
+    data = tmp_path / "hh.jsonl"
+    lines = _hh_lines(5)
+    lines.insert(3, "{this is not json")
+    data.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    cfg = compose_cfg(run, "stage=rm", "data=hh_rlhf", f"data.data_files={data}", "trainer.max_steps=3", *TINY_RM)
+    with pytest.raises(DataError, match=re.escape(f"{data}:4")):
+        train(cfg)
+    assert not any((run / s).exists() for s in ("sft", "rm", "ppo"))
+    assert not (run / "summary.json").exists()
+
+
+# ----------------------------------------------------------------------------- run directory
+def test_finished_run_is_not_overwritten(trained_artifacts, no_models):
+    run = trained_artifacts["run"]
+    before = (run / "summary.json").read_bytes()
+    model_file = run / "sft" / "model" / "model.safetensors"
+    mtime = model_file.stat().st_mtime_ns
+    cfg = compose_train(run, "stage=sft", "sft.max_steps=1", *TINY_DATA)
+    with pytest.raises(UserError, match="summary.json"):
+        train(cfg)
+    assert (run / "summary.json").read_bytes() == before
+    assert model_file.stat().st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------- CLI
+@pytest.mark.slow
+def test_cli_config_error_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", f"paths.output_dir={run}", "lr=-1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and re.search(r"\blr\b", lines[0]), lines[0]
+    assert not (run / "sft").exists()
