@@ -17,16 +17,24 @@ register_configs()  # typed schemas behind conf/algo and conf/model
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from rlhf.data import DataError
     from rlhf.errors import UserError
     from rlhf.pipeline import train
 
     try:
-        train(cfg)
+        summary = train(cfg)
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    # Hydra sweepers that optimise (Optuna) read the task's return value.
+    key = cfg.get("optimized_metric")
+    if key:
+        if key not in summary:
+            print(f"error: optimized_metric={key!r} is not in summary.json (keys: {sorted(summary)})", file=sys.stderr)
+            sys.exit(1)
+        return float(summary[key])
+    return None
 
 
 if __name__ == "__main__":

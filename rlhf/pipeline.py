@@ -159,11 +159,12 @@ def train(cfg: DictConfig) -> dict:
         summary["seconds"] = round(time.time() - start, 1)
         write_summary(run_dir, summary)
         print_stage_summary(stage, result, time.time() - t0)
+    logdir = next((p for p in run_dir.resolve().parents if p.name == "outputs"), run_dir)
     print(f"\nrun finished in {time.time() - start:.1f}s; outputs in {run_dir}"
-          f"\n  summary: {run_dir / 'summary.json'}\n  curves:  tensorboard --logdir {run_dir.parent.parent}")
+          f"\n  summary: {run_dir / 'summary.json'}\n  curves:  tensorboard --logdir {logdir}")
     return summary
 
 
 # Numbers a sweep compares: lifted from stage results to the top of summary.json.
 HEADLINE = {"sft_val_loss", "rm_accuracy", "gold_reward_before", "gold_reward_after", "gold_win_rate",
-            "kl_final", "reward_final"}
+            "kl_final", "reward_before", "reward_after", "rm_win_rate"}
