@@ -120,6 +120,9 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
         return {}
     result = module.finish(dm, stage_dir, tokenizer, source)
     log_hparams(trainer, cfg, stage, result)
+    for lg in trainer.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            lg.experiment.finish()  # the next stage starts its own W&B run instead of appending to this one
     return result
 
 
