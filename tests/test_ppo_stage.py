@@ -291,3 +291,27 @@ def test_nan_reward_stops_with_user_error(trained_artifacts, tmp_path, monkeypat
         train(cfg)
     assert not (run / "ppo" / "model").exists()
     assert not (run / "summary.json").exists()
+
+
+def test_ppo_checkpoint_omits_frozen_models_and_restores(ppo_run):
+    import torch
+
+    from rlhf.stages.ppo import PPOModule
+
+    ckpt_path = ppo_run["run"] / "ppo" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("policy.") for k in keys) and any(k.startswith("value_model.") for k in keys)
+    assert not any(k.startswith(("ref_policy.", "reward_model.")) for k in keys)
+    assert "kl_ctl" in ckpt and ckpt["episodes"] > 0
+    restored = PPOModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    for name, value in ckpt["state_dict"].items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    # The frozen models come back from their exports, untouched by training.
+    ref = restored.ref_policy.state_dict()
+    for name, value in restored.policy.state_dict().items():
+        if name in ref and not torch.equal(ref[name], value):
+            break
+    else:
+        raise AssertionError("restored policy equals the reference: trained weights were not loaded")
+    assert restored.episodes == ckpt["episodes"] and restored.kl_ctl.value == ckpt["kl_ctl"]["value"]

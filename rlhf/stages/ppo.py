@@ -92,6 +92,7 @@ class PPOModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # the PPO epochs/minibatches are written out below
+        self.strict_loading = False  # checkpoints omit the frozen reference and reward models
         self.cfg = c = PPOConfig.from_dict(algo, "algo")
         self.model_cfg = ModelConfig.from_dict(dict(model))
         self.tokenizer = load_tokenizer(policy_init or self.model_cfg.tokenizer)
@@ -284,6 +285,10 @@ class PPOModule(pl.LightningModule):
 
     # ----- checkpoint state beyond the weights -----
     def on_save_checkpoint(self, checkpoint):
+        # The frozen models are rebuilt from their exports when the module is constructed:
+        # leaving them out halves the checkpoint.
+        frozen = ("ref_policy.", "reward_model.")
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(frozen)}
         checkpoint["kl_ctl"] = self.kl_ctl.state_dict()
         checkpoint["episodes"] = self.episodes
 
