@@ -145,6 +145,8 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     stages = plan_stages(cfg)
     confs = preflight(cfg, stages, run_dir)
+    # The resolved config beside the outputs: evaluate/serve/generate read it, with or without Hydra.
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     source = instantiate(cfg.data)
     splits = source.load()  # reads and validates every data file before any model exists
     tokenizer = load_tokenizer(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)

@@ -1,0 +1,102 @@
+"""Loading a finished run for use: its policy, reference (SFT) policy, reward model and tokenizer.
+
+Shared by `python -m rlhf.generate`, `python -m rlhf.serve` and `python -m rlhf.evaluate`.
+Everything loads from the run's Hugging Face exports (safetensors), never from pickles, and
+`trust_remote_code` stays off unless the run's config turned it on.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from rlhf.algorithms.ppo import truncate_after_stop
+from rlhf.errors import UserError
+from rlhf.models.causal_lm import disable_dropout, freeze
+from rlhf.models.reward import reward_scores
+from rlhf.models.sampling import sample
+from rlhf.models.tokenizer import load_tokenizer
+
+
+class RunArtifacts:
+    """The models of a run directory written by `python train.py`."""
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise UserError(f"run directory {self.run_dir} does not exist")
+        cfg_file = self.run_dir / "config.yaml"
+        self.config = OmegaConf.load(cfg_file) if cfg_file.is_file() else None
+        self.device = torch.device(device)
+        algo = (self.config or {}).get("algo") or {}
+        self.policy_dir = self._first("policy", self.run_dir / "ppo" / "model", self.run_dir / "sft" / "model")
+        self.reference_dir = self._first("reference policy", self.run_dir / "sft" / "model", algo.get("policy_path"),
+                                         self.policy_dir)
+        self.reward_dir = self._first("reward model", self.run_dir / "rm" / "model", algo.get("reward_model_path"),
+                                      required=False)
+        self.trust_remote_code = bool(((self.config or {}).get("model") or {}).get("trust_remote_code", False))
+
+    def _first(self, what: str, *candidates, required: bool = True) -> Path | None:
+        for c in candidates:
+            if c and (Path(c) / "config.json").is_file():
+                return Path(c)
+        if required:
+            raise UserError(f"{self.run_dir}: no {what} export found (looked for ppo/model, sft/model, rm/model)")
+        return None
+
+    def _causal_lm(self, path: Path):
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        return freeze(disable_dropout(model)).to(self.device)
+
+    @cached_property
+    def tokenizer(self):
+        tok = load_tokenizer(str(self.policy_dir), trust_remote_code=self.trust_remote_code)
+        tok.padding_side = "left"
+        return tok
+
+    @cached_property
+    def policy(self):
+        return self._causal_lm(self.policy_dir)
+
+    @cached_property
+    def reference(self):
+        return self._causal_lm(self.reference_dir)
+
+    @cached_property
+    def reward_model(self):
+        if self.reward_dir is None:
+            return None
+        model = AutoModelForSequenceClassification.from_pretrained(self.reward_dir, trust_remote_code=self.trust_remote_code)
+        return freeze(disable_dropout(model)).to(self.device)
+
+    @cached_property
+    def reward_tokenizer(self):
+        tok = load_tokenizer(str(self.reward_dir), trust_remote_code=self.trust_remote_code)
+        tok.truncation_side = "left"
+        return tok
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, policy=None,
+                 seed: int | None = None) -> list[str]:
+        """One sampled completion per prompt, cut after the first eos."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        tok = self.tokenizer
+        enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        responses, _ = sample(policy or self.policy, enc.input_ids, enc.attention_mask, max_new_tokens,
+                              temperature, tok.pad_token_id, tok.eos_token_id)
+        responses, mask, _ = truncate_after_stop(responses, tok.eos_token_id, tok.pad_token_id)
+        return [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """Normalised reward-model scores of prompt + completion (as the PPO stage scored them)."""
+        if self.reward_model is None:
+            raise UserError(f"{self.run_dir}: no reward model (rm/model or algo.reward_model_path)")
+        tok = self.reward_tokenizer
+        enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
+                  truncation=True, max_length=getattr(self.reward_model.config, "n_positions", 1024)).to(self.device)
+        return reward_scores(self.reward_model, enc.input_ids, enc.attention_mask).tolist()
