@@ -48,7 +48,7 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
         out = policy(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                     past_key_values=out.past_key_values, use_cache=True)
+                     cache=out.cache, use_cache=True)
         next_pos = next_pos + 1
     responses, logits = torch.stack(tokens, 1), torch.stack(logits, 1)
     missing = response_length - responses.shape[1]
