@@ -16,6 +16,16 @@ from rlhf.config import register_configs
 register_configs()  # typed schemas behind conf/algo and conf/model
 
 
+def _resume_into_run_dir(argv: list[str]) -> None:
+    """`resume=RUN_DIR` writes into that directory: point Hydra's run dir there before it starts."""
+    import time
+
+    for arg in argv[1:]:
+        if arg.startswith("resume=") and arg.split("=", 1)[1] not in ("", "null"):
+            argv += [f"hydra.run.dir={arg.split('=', 1)[1]}",
+                     f"hydra.output_subdir=.hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}"]
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from rlhf.data import DataError
@@ -23,6 +33,12 @@ def main(cfg: DictConfig) -> float | None:
     from rlhf.pipeline import train
 
     try:
+        if cfg.get("resume"):
+            from hydra.core.hydra_config import HydraConfig
+
+            from rlhf.pipeline import resume_config
+
+            cfg = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
         summary = train(cfg)
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -38,4 +54,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    _resume_into_run_dir(sys.argv)
     main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from pathlib import Path
 
@@ -44,6 +45,20 @@ class MetricsCSV(pl.Callback):
             csv.writer(f).writerow(header)
         return header
 
+    def _drop_rows_from(self, step: int) -> None:
+        """On resume, rows from `step` on were written after the checkpoint and are about to be
+        written again: drop them so the file has each step once."""
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.path.open(newline="") as f:
+            rows = list(csv.reader(f))
+        keep = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < step]
+        if len(keep) < len(rows):
+            tmp = self.path.with_suffix(".csv.tmp")
+            with tmp.open("w", newline="") as f:
+                csv.writer(f).writerows(keep)
+            os.replace(tmp, self.path)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = getattr(pl_module, "csv_row", None)
         if not row or trainer.global_rank != 0:
@@ -52,6 +67,7 @@ class MetricsCSV(pl.Callback):
         row = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped + 1, **row,
                "timestamp": time.strftime(TIME_FORMAT)}
         if self._header is None:
+            self._drop_rows_from(row["step"])
             self._module_columns = getattr(pl_module, "csv_columns", None)  # a stage may fix its schema
             self._header = self._open_header(row)
         with self.path.open("a", newline="") as f:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from rlhf.errors import ConfigError, UserError
+from rlhf.model_card import write_model_card
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.tokenizer import load_tokenizer
 
@@ -45,7 +46,7 @@ def stage_config(cfg: DictConfig, stage: str):
     return cls, cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), CONFIG_KEY[stage])
 
 
-def preflight(cfg: DictConfig, stages: list[str], run_dir: Path) -> dict:
+def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool = False) -> dict:
     """All checks that need no model: returns the validated stage configs."""
     ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     steps = cfg.trainer.get("max_steps")
@@ -57,8 +58,11 @@ def preflight(cfg: DictConfig, stages: list[str], run_dir: Path) -> dict:
         if hasattr(cls, "preflight"):
             cls.preflight(conf, stages)
         confs[s] = conf
-    if (run_dir / "summary.json").exists():
-        raise UserError(f"{run_dir} already holds a finished run (summary.json); refusing to overwrite it")
+    if resuming and not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
+    if not resuming and (run_dir / "summary.json").exists():
+        raise UserError(f"{run_dir} already holds a run (summary.json); refusing to overwrite it "
+                        f"(resume={run_dir} continues it)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -85,7 +89,8 @@ def _instantiate_dict(node) -> list:
     return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
-def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, artifacts: dict, run_dir: Path) -> dict:
+def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, artifacts: dict, run_dir: Path,
+              resuming: bool = False) -> dict:
     from rlhf.data import PreferenceDataModule
 
     stage_dir = run_dir / stage
@@ -115,7 +120,11 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     else:
         trainer_kwargs.update(limit_val_batches=0)
     trainer = instantiate(scfg.trainer, **trainer_kwargs)
-    trainer.fit(module, datamodule=dm)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    ckpt_path = str(last) if resuming and last.is_file() else None
+    if ckpt_path:
+        print(f"resuming stage {stage} from {ckpt_path}")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     if trainer.global_rank != 0:
         return {}
     result = module.finish(dm, stage_dir, tokenizer, source)
@@ -143,23 +152,35 @@ def train(cfg: DictConfig) -> dict:
     transformers.logging.set_verbosity_error()  # load reports and progress bars drown the stage summaries
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(cfg.paths.output_dir)
+    resuming = bool(cfg.get("resume"))
     stages = plan_stages(cfg)
-    confs = preflight(cfg, stages, run_dir)
+    confs = preflight(cfg, stages, run_dir, resuming)
     # The resolved config beside the outputs: evaluate/serve/generate read it, with or without Hydra.
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    saved = cfg.copy()
+    saved.paths.output_dir = str(run_dir)  # per-stage interpolations (${stage_dir}) stay live for resume
+    OmegaConf.save(saved, run_dir / "config.yaml")
+    config = OmegaConf.to_container(cfg, resolve=True)  # the same dict, for the model cards
     source = instantiate(cfg.data)
     splits = source.load()  # reads and validates every data file before any model exists
     tokenizer = load_tokenizer(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     summary: dict = {"run_dir": str(run_dir), "stages": {}, "model": cfg.model.name,
                      "data": cfg.data._target_.rsplit(".", 1)[-1], "seed": cfg.seed}
+    if resuming and (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text())
     artifacts: dict = {}
     for stage in stages:
         t0 = time.time()
-        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir)
+        if resuming and stage in summary["stages"]:
+            artifacts[stage] = summary["stages"][stage].get("model_dir")
+            print(f"stage {stage} already finished in {run_dir}; skipping it")
+            continue
+        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming)
         if not result:  # non-zero ranks under DDP
             continue
         artifacts[stage] = result.get("model_dir")
         summary["stages"][stage] = result
+        if result.get("model_dir"):  # a Hugging Face model card beside each export
+            write_model_card(result["model_dir"], stage, config, result)
         summary.update({k: v for k, v in result.items() if k in HEADLINE})
         summary["seconds"] = round(time.time() - start, 1)
         write_summary(run_dir, summary)
@@ -168,6 +189,28 @@ def train(cfg: DictConfig) -> dict:
     print(f"\nrun finished in {time.time() - start:.1f}s; outputs in {run_dir}"
           f"\n  summary: {run_dir / 'summary.json'}\n  curves:  tensorboard --logdir {logdir}")
     return summary
+
+
+_MISSING = object()
+
+
+def resume_config(run_dir: str, overrides: list[str]) -> DictConfig:
+    """The config of the run in `run_dir`, with `key=value` overrides from the command line on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"resume={run_dir}: no config.yaml there (not a run directory written by train.py)")
+    cfg = OmegaConf.load(path)
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        if key == "resume" or key.startswith("hydra"):
+            continue
+        current = OmegaConf.select(cfg, key, default=_MISSING)
+        if current is _MISSING or isinstance(current, DictConfig):
+            raise UserError(f"resume: '{item}' names no value of the run's config (config groups cannot change on resume)")
+        OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"v={value}"]).v, merge=True)
+    cfg.paths.output_dir = str(run_dir)
+    cfg.resume = str(run_dir)
+    return cfg
 
 
 # Numbers a sweep compares: lifted from stage results to the top of summary.json.
