@@ -124,7 +124,8 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     ckpt_path = str(last) if resuming and last.is_file() else None
     if ckpt_path:
         print(f"resuming stage {stage} from {ckpt_path}")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    # weights_only: a checkpoint is tensors and plain values, never pickled code.
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     if trainer.global_rank != 0:
         return {}
     result = module.finish(dm, stage_dir, tokenizer, source)
