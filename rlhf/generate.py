@@ -56,14 +56,14 @@ def context_overflow(artifacts, prompt: str, max_new_tokens: int) -> str | None:
             f"context of {limit} tokens")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='prompt text; repeat for several. A prompt without the HH markers is wrapped as '
                         '"\\n\\nHuman: {prompt}\\n\\nAssistant:"; one containing "\\n\\nHuman:" or '
                         '"\\n\\nAssistant:" is used verbatim.')
-    p.add_argument("--max-new-tokens", type=_positive_int, default=32, help="tokens to sample per completion")
-    p.add_argument("--temperature", type=_positive_float, default=1.0,
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to sample per completion")
+    p.add_argument("--temperature", type=positive_float, default=1.0,
                    help="softmax temperature (1.0 = the policy's own distribution, as PPO sampled it)")
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="completions per prompt")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="completions per prompt")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
     p.add_argument("--json", action="store_true",

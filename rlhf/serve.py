@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf.errors import UserError
-from rlhf.generate import context_overflow
+from rlhf.generate import context_overflow, positive_int
 
 DEFAULT_MAX_NEW_TOKENS = 32
 FIELDS = ("prompt", "max_new_tokens", "temperature")
@@ -42,11 +42,7 @@ DRAIN_LIMIT = 1 << 20
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP status and a one-line message for the client."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    """RequestError(status, message): a request the server refuses, with a one-line reason."""
 
 
 def parse_generate(body: bytes, max_new_tokens_limit: int) -> tuple[str, int, float]:
@@ -81,6 +77,7 @@ class Handler(BaseHTTPRequestHandler):
     server: "RLHFServer"
     server_version = "rlhf-serve"
     _allow = None  # the Allow header of a 405
+    _body_done = False  # set once the request body has been read, or never will be
     timeout = 60  # seconds a client may stall mid-request before its thread is freed
 
     def _dispatch(self) -> None:
@@ -93,12 +90,13 @@ class Handler(BaseHTTPRequestHandler):
             if self.command != allowed:
                 self._allow = allowed
                 raise RequestError(405, f"{self.command} not allowed on {path}; use {allowed}")
-            self._send(200, handle())
+            status, payload = 200, handle()
         except RequestError as e:
-            self._send(e.status, {"error": str(e)})
+            status, payload = e.args[0], {"error": e.args[1]}
         except Exception as e:  # a bug or a model failure costs one request, never the server
             traceback.print_exc()
-            self._send(500, {"error": f"internal error: {type(e).__name__}: {e}".splitlines()[0]})
+            status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}".splitlines()[0]}
+        self._send(status, payload)
 
     def _health(self) -> dict:
         a = self.server.artifacts
@@ -106,23 +104,19 @@ class Handler(BaseHTTPRequestHandler):
                 "reward_model": None if a.reward_dir is None else str(a.reward_dir)}
 
     def _read_body(self) -> bytes:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise RequestError(411, "chunked bodies are not supported; send Content-Length")
         raw = self.headers.get("Content-Length")
         if raw is None:
-            raise RequestError(411, "Content-Length header required")
+            raise RequestError(411, "Content-Length header required (chunked bodies are not supported)")
         if not raw.strip().isdigit():
             raise RequestError(400, f"invalid Content-Length: {raw!r}")
         length = int(raw)
-        self._unread = length
-        if length > self.server.max_body_bytes:
+        if length > self.server.max_body_bytes:  # decided from the header, before reading anything
             raise RequestError(413, f"body is {length} bytes; the limit is {self.server.max_body_bytes}")
+        self._body_done = True
         try:
             body = self.rfile.read(length)
         except (TimeoutError, ConnectionError):
-            self._unread = 0  # nothing more will come: do not wait for it again in _drain
             raise RequestError(408, f"timed out reading a {length}-byte body") from None
-        self._unread = 0
         if len(body) < length:
             raise RequestError(400, f"body ended after {len(body)} of {length} bytes (Content-Length)")
         return body
@@ -138,40 +132,40 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(422, problem)
             completion = srv.artifacts.generate([prompt], n, temperature)[0]
             reward = srv.artifacts.score([prompt], [completion])[0] if srv.artifacts.reward_dir else None
+        if reward is not None and not math.isfinite(reward):  # would be invalid JSON (NaN)
+            raise RuntimeError(f"reward model returned {reward}")
         return {"completion": completion, "reward": reward}
 
     def _send(self, status: int, payload: dict) -> None:
         self._drain()
-        data = json.dumps(payload, allow_nan=False).encode()  # never emit non-standard NaN
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        if status == 405:
-            self.send_header("Allow", self._allow)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if status == 405:
+                self.send_header("Allow", self._allow)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except ConnectionError:  # the client hung up: nobody is left to tell, and it is not our error
+            self.close_connection = True
 
     def _drain(self) -> None:
         """Discard a request body nobody read (see DRAIN_LIMIT), so the response reaches the client."""
-        left = getattr(self, "_unread", None)
-        if left is None:  # body never looked at: take Content-Length at its word, if it is sane
-            raw = self.headers.get("Content-Length", "") if self.headers else ""
-            left = int(raw) if raw.strip().isdigit() else 0
-        self._unread = 0
+        raw = "" if self._body_done else self.headers.get("Content-Length", "")
+        left = int(raw) if raw.strip().isdigit() else 0
+        self._body_done = True
         try:
-            while 0 < left <= DRAIN_LIMIT:
-                chunk = self.rfile.read(min(left, 65536))
-                if not chunk:
-                    break
+            while 0 < left <= DRAIN_LIMIT and (chunk := self.rfile.read(min(left, 65536))):
                 left -= len(chunk)
-        except OSError:
+        except OSError:  # timeout or hang-up: the response may still get through
             pass
 
     def send_error(self, code, message=None, explain=None):
         # http.server's own refusals (malformed request line, unsupported method) in JSON as well.
         self.close_connection = True
-        self._unread = 0
+        self._body_done = True  # the request did not parse: its headers cannot be trusted
         self._send(code, {"error": message or HTTPStatus(code).phrase})
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _dispatch
@@ -189,10 +183,9 @@ class RLHFServer(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        # Let the model call in progress finish, then free the models in this thread. Otherwise a
-        # daemon handler thread can be inside torch, or dropping the models' last reference, when
-        # interpreter teardown stops it, and torch aborts the process ("terminate called without
-        # an active exception") instead of exiting 0.
+        # Let the model call in progress finish, then free the models in this thread: torch aborts the
+        # process ("terminate called without an active exception") if interpreter teardown stops a
+        # daemon handler thread inside a model call or while it drops the models' last reference.
         with self.lock:
             self.artifacts = None
 
@@ -230,16 +223,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `python train.py`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one")
-    p.add_argument("--max-new-tokens-limit", type=int, default=256, help="largest max_new_tokens accepted")
-    p.add_argument("--max-body-bytes", type=int, default=65536, help="largest request body accepted")
+    p.add_argument("--max-new-tokens-limit", type=positive_int, default=256, help="largest max_new_tokens accepted")
+    p.add_argument("--max-body-bytes", type=positive_int, default=65536, help="largest request body accepted")
     p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
     args = p.parse_args(argv)
-    if args.max_new_tokens_limit < 1 or args.max_body_bytes < 1:
-        p.error("--max-new-tokens-limit and --max-body-bytes must be >= 1")
     if not is_loopback(args.host):
         print(f"warning: binding {args.host}: the API has no authentication, so anyone who can reach "
               f"this port can run the model", file=sys.stderr)
-
     if not os.path.isdir(args.run_dir):  # fail before seconds of torch imports
         print(f"error: run directory {args.run_dir} does not exist", file=sys.stderr)
         return 1

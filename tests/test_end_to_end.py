@@ -18,7 +18,7 @@ def test_default_run_learns(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "train.py", f"paths.output_dir={run}",
                            "callbacks.progress_bar.refresh_rate=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=900)
+                          cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run) in proc.stdout  # tells the user where the outputs are
     summary = json.loads((run / "summary.json").read_text())

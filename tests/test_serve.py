@@ -27,7 +27,9 @@ pytestmark = pytest.mark.slow  # trains a run with train.py in a subprocess
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("serve") / "run"
     proc = subprocess.run([sys.executable, "train.py", "debug=fast", f"paths.output_dir={run}",
-                           "callbacks.progress_bar.refresh_rate=0", "++callbacks.analysis_report=null"],
+                           "callbacks.progress_bar.refresh_rate=0", "++callbacks.analysis_report=null",
+                           # smaller than debug=fast alone: the models only need to exist, not to learn
+                           "data.n_pairs=128", "algo.max_steps=1", "algo.eval_prompts=8"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
@@ -108,7 +110,7 @@ BAD = {
     "prompt too long": ("POST", "/generate", {"prompt": "word " * 300}, {}, 422, "context of"),
     "bad content-length": ("POST", "/generate", b"{}", {"headers": {"Content-Length": "x"}, "content_length": False},
                            400, "Content-Length"),
-    "no content-length": ("POST", "/generate", b"", {"content_length": False}, 411, "Content-Length"),
+    "no content-length": ("POST", "/generate", b"", {"content_length": False}, 411, "Content-Length header required"),
     "unknown path": ("GET", "/nope", None, {}, 404, "unknown path /nope"),
     "unknown path post": ("POST", "/v1/generate", {"prompt": PROMPT}, {}, 404, "unknown path"),
     "GET generate": ("GET", "/generate", None, {}, 405, "GET not allowed on /generate"),
@@ -196,7 +198,8 @@ def test_serve_cli_port_0_then_clean_shutdown(run_dir):
         assert match, line
         conn = http.client.HTTPConnection("127.0.0.1", int(match.group(1)), timeout=30)
         conn.request("GET", "/health")
-        assert conn.getresponse().status == 200
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
         conn.close()
     finally:
         # Ctrl-C where this process lets the child see SIGINT (it is ignored in background jobs);
