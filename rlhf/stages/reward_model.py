@@ -55,12 +55,11 @@ class RewardModelModule(pl.LightningModule):
         self.model = load_reward_model(self.model_cfg, init_from, pad_token_id=pad_token_id)
 
     def _scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        # One forward over chosen and rejected together: half the kernel launches, same numbers.
-        ids = torch.cat([batch["chosen_input_ids"], _pad_to(batch["rejected_input_ids"], batch["chosen_input_ids"])])
-        mask = torch.cat([batch["chosen_attention_mask"],
-                          _pad_to(batch["rejected_attention_mask"], batch["chosen_attention_mask"], 0)])
-        ids = _pad_to(ids, mask)  # widths now agree
-        r = reward_scores(self.model, ids[:, : mask.shape[1]], mask, normalize=False)
+        # One forward over chosen and rejected together (the collator pads both to one width):
+        # half the kernel launches, same numbers.
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        r = reward_scores(self.model, ids, mask, normalize=False)
         n = batch["chosen_input_ids"].shape[0]
         return r[:n], r[n:]
 
@@ -135,11 +134,3 @@ class RewardModelModule(pl.LightningModule):
                 "reward_mean": mean, "reward_std": std, "model_dir": str(out),
                 "metrics_csv": str(Path(stage_dir) / "metrics.csv")}
 
-
-def _pad_to(x: torch.Tensor, like: torch.Tensor, value: int | None = None) -> torch.Tensor:
-    """Right-pad (or cut) `x` along dim 1 to the width of `like`."""
-    width = like.shape[1]
-    if x.shape[1] >= width:
-        return x[:, :width] if x.shape[1] > width and value is not None else x
-    fill = 0 if value is None else value
-    return F.pad(x, (0, width - x.shape[1]), value=fill)
