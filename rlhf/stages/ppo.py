@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,8 @@ class PPOModule(pl.LightningModule):
                             "batch_size", "timestamp"]  # the reference schema notebooks read
         self.gold = None  # a ground-truth scorer (prompt, response) -> float, set by the pipeline if known
         self.episodes = 0
+        self.phase_seconds: dict[str, float] = {}  # generation / scoring / training wall time, summed
+        self._last_tick = time.perf_counter()
 
     # ----- config plumbing -----
     @staticmethod
@@ -148,6 +151,21 @@ class PPOModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, anneal)}
 
     # ----- model calls -----
+    def _ref_logprobs(self, ids, mask, context_length, responses):
+        """Log-probs of the responses under the frozen reference policy."""
+        logits = response_logits(self.ref_policy, ids, mask, context_length)
+        return F.logprobs_from_logits(logits, responses, self.cfg.temperature)
+
+    def _tick(self, phase: str | None) -> None:
+        """Adds the wall time since the previous tick to `phase_seconds[phase]` (None starts a clock).
+
+        `python -m rlhf.bench` reads the split; the cost is one clock read per phase.
+        """
+        now = time.perf_counter()
+        if phase is not None:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - self._last_tick
+        self._last_tick = now
+
     def _values(self, ids, mask, context_length, hidden=None):
         if self.cfg.value_model == "separate":
             return token_values(self.value_model, ids, mask)[:, context_length - 1 : -1]
@@ -175,6 +193,7 @@ class PPOModule(pl.LightningModule):
         if B != c.batch_size:
             raise UserError(f"rollout batch has {B} prompts, expected algo.batch_size={c.batch_size}")
 
+        self._tick(None)
         # 1. Rollout: sample responses; generation's own logits give the old log-probs.
         self.policy.eval()
         responses, gen_logits = sample(self.policy, queries, qmask, c.response_length, c.temperature,
@@ -185,8 +204,9 @@ class PPOModule(pl.LightningModule):
         with torch.no_grad():
             logprobs = F.logprobs_from_logits(gen_logits, responses, c.temperature)
             del gen_logits
+            self._tick("generation")
             # 2. Score: reference log-probs, values and reward-model scores, one batched pass each.
-            ref_logprobs = F.logprobs_from_logits(response_logits(self.ref_policy, ids, mask, Q), responses, c.temperature)
+            ref_logprobs = self._ref_logprobs(ids, mask, Q, responses)
             hidden = backbone_hidden(self.policy, ids, mask) if c.value_model == "shared" else None
             values = self._values(ids, mask, Q, hidden)
             scores = self.score(queries, qmask, responses, resp_mask, batch["prompt"])
@@ -204,6 +224,7 @@ class PPOModule(pl.LightningModule):
             advantages, returns = F.gae(rewards, values, resp_mask, c.gamma, c.lam)
             advantages = F.masked_whiten(advantages, resp_mask)
         self._check_finite(scores=scores, kl=kl, advantages=advantages)
+        self._tick("scoring")
 
         # 4. PPO epochs over shuffled minibatches, one optimizer step each.
         self.policy.train()
@@ -231,6 +252,7 @@ class PPOModule(pl.LightningModule):
                              ("entropy", ent)):
                     stats[k].append(v.detach())
         self.lr_schedulers().step()
+        self._tick("training")
 
         # 5. Bookkeeping: KL controller, metrics, samples.
         mean_kl = kl.sum(1).mean()
