@@ -113,7 +113,9 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
         if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb._every_n_train_steps:
             cb._every_n_train_steps *= per_batch
     trainer_kwargs = dict(max_steps=steps * per_batch, logger=_instantiate_dict(scfg.get("logger")) or False,
-                          callbacks=callbacks, default_root_dir=str(stage_dir), max_epochs=-1)
+                          callbacks=callbacks, default_root_dir=str(stage_dir), max_epochs=-1,
+                          # The datamodule shards by rank itself, in an order it can resume mid-epoch.
+                          use_distributed_sampler=False)
     if is_overridden("validation_step", module):
         trainer_kwargs.update(val_check_interval=min(conf.val_every, steps), check_val_every_n_epoch=None,
                               limit_val_batches=conf.val_batches)
@@ -126,14 +128,38 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
         print(f"resuming stage {stage} from {ckpt_path}")
     # weights_only: a checkpoint is tensors and plain values, never pickled code.
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-    if trainer.global_rank != 0:
-        return {}
-    result = module.finish(dm, stage_dir, tokenizer, source)
+    mismatch = rank_weight_mismatch(trainer, module)
+    result = module.finish(dm, stage_dir, tokenizer, source) if trainer.global_rank == 0 else {}
+    if trainer.world_size > 1:
+        # Every rank runs every stage; the others load rank 0's export in the next stage.
+        trainer.strategy.barrier("stage-export")
+        if trainer.global_rank != 0:
+            return {"model_dir": str(stage_dir / "model"), "rank": trainer.global_rank}
+        result.update(world_size=trainer.world_size, rank_weight_mismatch=mismatch)
     log_hparams(trainer, cfg, stage, result)
     for lg in trainer.loggers:
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()  # the next stage starts its own W&B run instead of appending to this one
     return result
+
+
+def rank_weight_mismatch(trainer, module) -> float:
+    """Largest difference, across ranks, of per-tensor (sum, sum of squares) of the trained weights.
+
+    Data parallelism must leave every rank with the same weights (0.0); anything else means
+    gradients were not synchronised, and the export from rank 0 would not be what every rank trained.
+    """
+    if trainer.world_size == 1:
+        return 0.0
+    import torch
+
+    params = [p.detach().double() for p in module.parameters() if p.requires_grad]
+    fp = torch.stack([torch.stack([p.sum(), (p * p).sum()]) for p in params]).flatten()
+    everyone = trainer.strategy.all_gather(fp)  # [world, 2 * n_tensors]
+    diff = (everyone - everyone[0]).abs().max().item()
+    if diff > 0:
+        log.warning("weights differ across DDP ranks by up to %g after training", diff)
+    return diff
 
 
 def log_hparams(trainer, cfg: DictConfig, stage: str, result: dict) -> None:
@@ -176,7 +202,8 @@ def train(cfg: DictConfig) -> dict:
             print(f"stage {stage} already finished in {run_dir}; skipping it")
             continue
         result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming)
-        if not result:  # non-zero ranks under DDP
+        if "rank" in result:  # non-zero DDP ranks: only rank 0 writes summaries and cards
+            artifacts[stage] = result["model_dir"]
             continue
         artifacts[stage] = result.get("model_dir")
         summary["stages"][stage] = result

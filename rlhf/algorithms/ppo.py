@@ -44,8 +44,21 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_reduce=None) -> Tensor:
+    """(x - mean) / std over the masked entries.
+
+    `all_reduce` (a function summing a tensor over processes) makes the statistics global: under
+    data parallelism every rank then whitens with the same mean and std, as one big batch would.
+    """
+    if all_reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        w = _as_weights(mask, x).double()
+        xd = torch.where(w != 0, x.double(), 0.0)
+        n, s1, s2 = all_reduce(torch.stack([w.sum(), (xd * w).sum(), (xd * xd * w).sum()])).unbind()
+        mean = s1 / n
+        var = ((s2 / n - mean**2) * n / (n - 1).clamp(min=1)).clamp(min=0)
+        mean, var = mean.to(x.dtype), var.to(x.dtype)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf.data.pairs import PreferencePair, PreferenceSplits
+from rlhf.data.sampler import ResumableShuffleSampler
 
 MODES = ("sft", "rm", "prompts")
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
@@ -125,6 +126,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.eos_id = tokenizer.eos_token_id
         self.train_dataset: _ListDataset | None = None
         self.val_dataset: _ListDataset | None = None
+        self._resume_position: tuple[int, int] | None = None  # (epoch, batches done) from a checkpoint
+        self._train_sampler: ResumableShuffleSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:  # Lightning calls setup per stage; tokenise only once
@@ -158,18 +161,37 @@ class PreferenceDataModule(pl.LightningDataModule):
         if dataset is None:
             self.setup()
             dataset = self.train_dataset if shuffle else self.val_dataset
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        sampler = None
+        if shuffle:
+            trainer = self.trainer
+            world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = ResumableShuffleSampler(len(dataset), self.seed, world, rank)
+            if self._resume_position is not None:
+                epoch, batches = self._resume_position
+                sampler.resume_at(epoch, batches * self.batch_size)
+            self._train_sampler = sampler
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             # PPO splits each rollout batch into equal minibatches: a short last batch would not divide.
             drop_last=shuffle and self.mode == "prompts",
-            generator=generator,
             collate_fn=_Collate(self.mode, self.eos_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    # Data position in checkpoints: Lightning saves and restores these with the trainer state.
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        loop = trainer.fit_loop.epoch_loop
+        return {"epoch": trainer.current_epoch, "batches_done": loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_position = (state["epoch"], state["batches_done"])
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, shuffle=True)

@@ -16,7 +16,8 @@ from rlhf.algorithms.ppo import position_ids_from_mask
 
 @torch.no_grad()
 def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int,
-           temperature: float, pad_token_id: int, stop_token_id: int | None = None) -> tuple[Tensor, Tensor]:
+           temperature: float, pad_token_id: int, stop_token_id: int | None = None,
+           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Sample `response_length` tokens per left-padded prompt; returns (responses [B,R], logits [B,R,V]).
 
     Pure sampling from softmax(logits / temperature), as PPO's ratio assumes the policy is the
@@ -24,6 +25,7 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     last prompt token only, and tokens are drawn by inverse CDF (one uniform per row), which on
     CPU is ~25x cheaper than `torch.multinomial` over a 50k vocabulary. Rows past their stop
     token get `pad_token_id`; when every row has stopped the rest is padding with zero logits.
+    `generator` makes the draws reproducible independently of any other use of the global RNG.
     """
     B = input_ids.shape[0]
     pos = position_ids_from_mask(attention_mask)
@@ -37,7 +39,7 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
         step_logits = out.logits[:, -1].float()
         probs = torch.softmax(step_logits / temperature, -1)
         cdf = probs.cumsum(-1)
-        u = torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        u = torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
         tok = torch.where(done, pad_token_id, tok)
         tokens.append(tok)

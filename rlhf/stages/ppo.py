@@ -123,6 +123,7 @@ class PPOModule(pl.LightningModule):
                             "batch_size", "timestamp"]  # the reference schema notebooks read
         self.gold = None  # a ground-truth scorer (prompt, response) -> float, set by the pipeline if known
         self.episodes = 0
+        self.seed = torch.initial_seed()  # the run seed: the pipeline seeds every stage before building it
         self.phase_seconds: dict[str, float] = {}  # generation / scoring / training wall time, summed
         self._last_tick = time.perf_counter()
 
@@ -149,6 +150,24 @@ class PPOModule(pl.LightningModule):
         total = self.trainer.max_steps // self.optimizer_steps_per_batch
         anneal = (lambda u: max(0.0, 1.0 - u / max(total, 1))) if self.cfg.anneal_lr else (lambda u: 1.0)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, anneal)}
+
+    # ----- data parallelism and randomness -----
+    def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    def _mean_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="mean") if self.trainer.world_size > 1 else t
+
+    def _update_generator(self) -> torch.Generator:
+        """The RNG of one PPO update, seeded from (run seed, rank, update number).
+
+        Ranks draw different responses, and a resumed run draws exactly what the uninterrupted
+        run would have: no RNG state has to be carried in the checkpoint.
+        """
+        update = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.seed * 1_000_003 + self.global_rank * 7_919 + update) % 2**63)
+        return g
 
     # ----- model calls -----
     def _ref_logprobs(self, ids, mask, context_length, responses):
@@ -196,8 +215,9 @@ class PPOModule(pl.LightningModule):
         self._tick(None)
         # 1. Rollout: sample responses; generation's own logits give the old log-probs.
         self.policy.eval()
+        gen = self._update_generator()
         responses, gen_logits = sample(self.policy, queries, qmask, c.response_length, c.temperature,
-                                       self.tokenizer.pad_token_id, self.stop_id)
+                                       self.tokenizer.pad_token_id, self.stop_id, generator=gen)
         responses, resp_mask, has_stop = F.truncate_after_stop(responses, self.stop_id, self.tokenizer.pad_token_id)
         ids = torch.cat([queries, responses], 1)
         mask = torch.cat([qmask, resp_mask.long()], 1)
@@ -219,10 +239,10 @@ class PPOModule(pl.LightningModule):
             rewards, kl, non_score = F.compute_rewards(scores, logprobs, ref_logprobs, resp_mask,
                                                        self.kl_ctl.value, c.kl_estimator)
             if c.whiten_rewards:
-                rewards = F.masked_whiten(rewards, resp_mask, shift_mean=False)
+                rewards = F.masked_whiten(rewards, resp_mask, shift_mean=False, all_reduce=self._sum_over_ranks)
             values = torch.where(resp_mask, values, 0.0)
             advantages, returns = F.gae(rewards, values, resp_mask, c.gamma, c.lam)
-            advantages = F.masked_whiten(advantages, resp_mask)
+            advantages = F.masked_whiten(advantages, resp_mask, all_reduce=self._sum_over_ranks)
         self._check_finite(scores=scores, kl=kl, advantages=advantages)
         self._tick("scoring")
 
@@ -231,7 +251,7 @@ class PPOModule(pl.LightningModule):
         opt = self.optimizers()
         stats: dict[str, list] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
         for _ in range(c.num_ppo_epochs):
-            for mb in torch.randperm(B, device=self.device).split(c.mini_batch_size):
+            for mb in torch.randperm(B, device=self.device, generator=gen).split(c.mini_batch_size):
                 h = backbone_hidden(self.policy, ids[mb], mask[mb])
                 new_logits = response_logits(self.policy, ids[mb], mask[mb], Q, hidden=h)
                 new_logprobs = F.logprobs_from_logits(new_logits, responses[mb], c.temperature)
@@ -255,9 +275,11 @@ class PPOModule(pl.LightningModule):
         self._tick("training")
 
         # 5. Bookkeeping: KL controller, metrics, samples.
-        mean_kl = kl.sum(1).mean()
-        self.kl_ctl.update(mean_kl.item(), B)
-        self.episodes += B
+        # Under DDP every rank must keep the same coefficient: it follows the global mean KL.
+        world = self.trainer.world_size
+        mean_kl = self._mean_over_ranks(kl.sum(1).mean().detach().double())
+        self.kl_ctl.update(mean_kl.item(), B * world)
+        self.episodes += B * world
         self._log_update(stats, scores, kl, non_score, logprobs, resp_mask, has_stop, batch["prompt"], responses)
 
     def _log_update(self, stats, scores, kl, non_score, logprobs, resp_mask, has_stop, prompts, responses):
@@ -277,11 +299,17 @@ class PPOModule(pl.LightningModule):
         if self.gold is not None:
             m["objective/gold_scores"] = sum(self.gold(p, t) for p, t in zip(prompts, texts)) / len(texts)
         m = {k: float(v) for k, v in m.items()}
+        if self.trainer.world_size > 1:  # one all-reduce for all metrics: logs and the CSV show global means
+            keys = list(m)
+            means = self._mean_over_ranks(torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.device))
+            m = dict(zip(keys, means.tolist()))
+            m["episode"] = float(self.episodes)
         self.log_dict(m, prog_bar=False)
         self.log("reward", m["objective/scores"], prog_bar=True)
         self.csv_row = {"policy_loss": m["loss/policy_avg"], "value_loss": m["loss/value_avg"],
                         "kl_divergence": m["objective/kl"], "reward_score": m["objective/scores"],
-                        "learning_rate": lr, "batch_size": len(prompts), "kl_coef": m["objective/kl_coef"],
+                        "learning_rate": lr, "batch_size": len(prompts) * self.trainer.world_size,
+                        "kl_coef": m["objective/kl_coef"],
                         "entropy": m["objective/entropy"], "approxkl": m["policy/approxkl_avg"],
                         "clipfrac": m["policy/clipfrac_avg"], "episode": self.episodes,
                         "gold_score": m.get("objective/gold_scores", "")}
