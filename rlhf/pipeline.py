@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -70,6 +71,11 @@ def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool 
         probe.unlink()
     except OSError as e:
         raise UserError(f"output directory {run_dir} is not writable: {e.strerror}") from None
+    need = float(cfg.paths.get("min_free_gb") or 0)
+    free = shutil.disk_usage(run_dir).free / 2**30
+    if free < need:
+        raise UserError(f"output directory {run_dir} has {free:.1f} GiB free, paths.min_free_gb={need:g} "
+                        "(checkpoints and exports need the room; free space or lower the setting)")
     return confs
 
 

@@ -150,3 +150,69 @@ def test_bf16_mixed_runs_every_stage_on_cpu(tmp_path):
         df = pd.read_csv(run / stage / "metrics.csv")
         numeric = df.drop(columns=["timestamp"]).select_dtypes("number")
         assert len(df) > 0 and numeric.notna().all().all() and (numeric.abs() < 1e6).all().all(), stage
+
+
+# ----------------------------------------------------------------------------- fault guards
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from callbacks import RNGState
+
+    cb = RNGState()
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save(cb.state_dict(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    cb.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and (expected[1] == got[1]).all() and expected[2] == got[2]
+
+
+def test_nan_loss_stops_ppo_and_keeps_checkpoint_and_logs(trained_artifacts, tmp_path, monkeypatch):
+    import rlhf.algorithms.ppo as ppo_math
+    from rlhf.errors import UserError
+
+    orig = ppo_math.policy_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = orig(*args, **kwargs)
+        return (loss * float("nan"), stats) if calls["n"] > 4 * 2 else (loss, stats)  # update 3
+
+    monkeypatch.setattr(ppo_math, "policy_loss", poisoned)
+    run = tmp_path / "run"
+    cfg = compose_train(run, "stage=ppo", f"algo.policy_path={trained_artifacts['sft']}",
+                        f"algo.reward_model_path={trained_artifacts['rm']}", *TINY_DATA, *TINY_PPO,
+                        "algo.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2")
+    with pytest.raises(UserError, match=r"^non-finite loss at PPO step 3: stopping"):
+        train(cfg)
+    ckpt = torch.load(run / "ppo" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["episodes"] == 2 * 8
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert pd.read_csv(run / "ppo" / "metrics.csv")["step"].tolist() == [1, 2]
+
+
+def test_nan_loss_stops_sft_with_step_named(tmp_path, monkeypatch):
+    from rlhf.errors import UserError
+    from rlhf.stages.sft import SFTModule
+
+    orig = SFTModule._loss
+    monkeypatch.setattr(SFTModule, "_loss", lambda self, b: orig(self, b) * (float("nan") if self.global_step >= 2 else 1))
+    with pytest.raises(UserError, match=r"^non-finite loss at SFT step 3"):
+        train(compose_train(tmp_path / "run", "debug=fast", "stage=sft"))
+
+
+def test_too_little_free_disk_fails_before_any_model(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from rlhf.errors import UserError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**28, 2**28))
+    monkeypatch.setattr("rlhf.pipeline.load_tokenizer", lambda *a, **k: pytest.fail("got past preflight"))
+    with pytest.raises(UserError, match=r"has 0\.2 GiB free, paths\.min_free_gb=1"):
+        train(compose_train(tmp_path / "run", "debug=fast"))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.reward import load_reward_model, reward_scores
 from rlhf.stages.common import StageConfig, adamw_with_schedule, export_hf
+from rlhf.stages.guards import check_finite
 
 
 @dataclass
@@ -72,11 +73,12 @@ class RewardModelModule(pl.LightningModule):
         margin = (r_c - r_r).mean()
         sep = "" if prefix == "" else "val_"
         self.log_dict({f"rm/{sep}loss": loss, f"rm/{sep}accuracy": acc, f"rm/{sep}margin": margin},
-                      prog_bar=prefix == "")
+                      prog_bar=prefix == "", sync_dist=prefix != "")  # validation: mean over DDP ranks
         return loss, acc, margin
 
     def training_step(self, batch, batch_idx):
         loss, acc, margin = self._step(batch, "")
+        check_finite(self, "RM", loss=loss.detach())
         lr = self.lr_schedulers().get_last_lr()[0]
         self.log("lr", lr)
         self.csv_row = {"loss": loss.item(), "accuracy": acc.item(), "margin": margin.item(),

@@ -16,6 +16,7 @@ import torch
 from rlhf.models.causal_lm import ModelConfig, load_causal_lm
 from rlhf.models.sampling import backbone_hidden
 from rlhf.stages.common import StageConfig, adamw_with_schedule, export_hf
+from rlhf.stages.guards import check_finite
 
 
 @dataclass
@@ -61,6 +62,7 @@ class SFTModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
+        check_finite(self, "SFT", loss=loss.detach())
         self.log("sft/loss", loss, prog_bar=True)
         self.log("lr", self.lr_schedulers().get_last_lr()[0])
         self.csv_row = {"loss": loss.item(), "learning_rate": self.lr_schedulers().get_last_lr()[0],
@@ -68,7 +70,7 @@ class SFTModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self.log("sft/val_loss", self._loss(batch), prog_bar=True)
+        self.log("sft/val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
         return adamw_with_schedule(self.model.parameters(), self.cfg.lr, self.cfg.weight_decay,
