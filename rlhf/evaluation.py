@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.algorithms import ppo as F
+from rlhf.models.lora import reference_policy
 from rlhf.models.sampling import response_logits, sample
 
 
@@ -22,7 +23,8 @@ def rollout(module, policy, batch) -> dict:
     resp, rmask, has_stop = F.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
     logp = F.logprobs_from_logits(logits, resp, c.temperature)
     ids, mask = torch.cat([q, resp], 1), torch.cat([qm, rmask.long()], 1)
-    ref = F.logprobs_from_logits(response_logits(module.ref_policy, ids, mask, q.shape[1]), resp, c.temperature)
+    with reference_policy(module.policy, module.ref_policy) as ref_policy:
+        ref = F.logprobs_from_logits(response_logits(ref_policy, ids, mask, q.shape[1]), resp, c.temperature)
     texts = [module.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
     return {"scores": module.score(q, qm, resp, rmask, batch["prompt"]).cpu(),
             "kl": ((logp - ref) * rmask).sum(1).cpu(), "texts": texts, "prompts": list(batch["prompt"]),
@@ -46,7 +48,8 @@ def compare_policies(module, dm, n: int) -> dict:
     module.policy.eval()
     loader = dm.val_dataloader()
     torch.manual_seed(1234)
-    before = _collect(module, module.ref_policy, loader, n)
+    with reference_policy(module.policy, module.ref_policy) as ref_policy:
+        before = _collect(module, ref_policy, loader, n)
     torch.manual_seed(1234)
     after = _collect(module, module.policy, loader, n)
     module.policy.train(was_training)

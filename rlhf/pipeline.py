@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import transformers
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -49,7 +50,10 @@ def stage_config(cfg: DictConfig, stage: str):
 
 def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool = False) -> dict:
     """All checks that need no model: returns the validated stage configs."""
-    ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    mc = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    if mc.name_or_path and mc.name_or_path.startswith(("/", "./", "../", "~")) \
+            and not Path(mc.name_or_path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path={mc.name_or_path}: no such directory")
     steps = cfg.trainer.get("max_steps")
     if steps is not None and steps <= 0:
         raise ConfigError(f"trainer.max_steps must be > 0, got {steps}")
@@ -108,8 +112,13 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     cls = get_class(node._target_)
     dm = PreferenceDataModule(splits, tokenizer, cls.data_mode, conf.batch_size, conf.max_prompt_length,
                               conf.max_response_length, seed=cfg.seed)
-    module = instantiate(node, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
-                         **cls.init_kwargs(conf, artifacts, tokenizer, cfg))
+    try:
+        module = instantiate(node, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
+                             **cls.init_kwargs(conf, artifacts, tokenizer, cfg))
+    except InstantiationException as e:  # Hydra wraps errors from __init__: show ours as the one line they are
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
     if hasattr(module, "gold"):
         module.gold = getattr(source, "gold", None)  # ground truth is known on synthetic data only
     steps = cfg.trainer.get("max_steps") or conf.max_steps

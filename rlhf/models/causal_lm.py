@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreT
 
 
 from rlhf.errors import ConfigError, UserError
+from rlhf.models.lora import LoRAConfig, add_lora, merge_lora
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -29,6 +30,13 @@ class ModelConfig:
     tokenizer: str = "gpt2-bundled"  # tokenizer id/path; gpt2-bundled is GPT-2's BPE shipped offline
     arch: dict[str, Any] = field(default_factory=dict)  # GPT2Config fields when building from scratch
     trust_remote_code: bool = False  # never run code from a model repo unless asked to
+    # LoRA adapters (rlhf/models/lora.py) instead of full fine-tuning, in every stage; null trains all
+    # weights. On from the command line: model/lora=default, then e.g. model.lora.r=16.
+    lora: LoRAConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoRAConfig.from_dict(self.lora)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -67,7 +75,8 @@ def load_causal_lm(cfg: ModelConfig, init_from: str | None = None, vocab_size: i
         arch = {"vocab_size": vocab_size, "n_positions": 256, **cfg.arch}
         arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         model = GPT2LMHeadModel(GPT2Config(**arch))
-    return disable_dropout(model.float())
+    model = disable_dropout(model.float())
+    return add_lora(model, cfg.lora) if cfg.lora else model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -76,6 +85,9 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
+    # A frozen model trains nothing, so a LoRA adapter it was loaded with (PPO's reward model is
+    # built from the run's model config) is merged away: same outputs, no adapter compute.
+    model = merge_lora(model)
     model.eval()
     model.requires_grad_(False)
     return model

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
 from rlhf.models.causal_lm import ModelConfig, disable_dropout, from_pretrained
+from rlhf.models.lora import add_lora
 
 
 def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_id: int = 50256,
@@ -27,7 +28,9 @@ def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_
         model = GPT2ForSequenceClassification(GPT2Config(**arch))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    return disable_dropout(model.float())
+    model = disable_dropout(model.float())
+    # With LoRA the scalar head still trains in full: it is new (from an SFT export) or tiny.
+    return add_lora(model, cfg.lora, modules_to_save=["score"]) if cfg.lora else model
 
 
 def check_reward_model(path: str) -> None:

@@ -1,6 +1,7 @@
 """What every stage shares: config validation, AdamW with a warm-up schedule, and HF export."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from transformers import get_scheduler
 
 from rlhf.errors import ConfigError
+from rlhf.models.lora import has_lora, merge_lora
 
 
 class StageConfig:
@@ -41,9 +43,16 @@ def adamw_with_schedule(params, lr: float, weight_decay: float, warmup_steps: in
 
 
 def export_hf(model, tokenizer, out_dir: str | Path) -> Path:
-    """`save_pretrained` in safetensors with the tokenizer: loadable by plain `transformers`."""
+    """`save_pretrained` in safetensors with the tokenizer: loadable by plain `transformers`.
+
+    A LoRA model is saved with its adapter merged into the weights, from a copy: the next stage
+    and `from_pretrained` see a plain model, and the live one keeps its adapter (PPO's evaluation
+    still needs it switched off for the reference).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if has_lora(model):
+        model = merge_lora(copy.deepcopy(model))
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out

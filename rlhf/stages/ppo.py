@@ -27,6 +27,7 @@ from rlhf.models.reward import check_reward_model, load_reward_model, reward_sco
 from rlhf.models.sampling import backbone_hidden, response_logits, sample
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages.common import StageConfig, export_hf
+from rlhf.stages.guards import check_finite
 
 
 @dataclass
@@ -98,7 +99,8 @@ class PPOModule(pl.LightningModule):
         self.model_cfg = ModelConfig.from_dict(dict(model))
         self.tokenizer = load_tokenizer(policy_init or self.model_cfg.tokenizer)
         self.policy = load_causal_lm(self.model_cfg, policy_init)
-        self.ref_policy = freeze(copy.deepcopy(self.policy))
+        # With LoRA the reference is the policy with its adapter off (`_ref_logprobs`): no second copy.
+        self.ref_policy = None if self.model_cfg.lora else freeze(copy.deepcopy(self.policy))
         self.reward_model = freeze(load_reward_model(self.model_cfg, reward_init, self.tokenizer.pad_token_id))
         self.rm_tokenizer = load_tokenizer(reward_init)
         # A reward model with another vocabulary gets text: decode, then re-encode with its tokenizer.
@@ -171,8 +173,11 @@ class PPOModule(pl.LightningModule):
 
     # ----- model calls -----
     def _ref_logprobs(self, ids, mask, context_length, responses):
-        """Log-probs of the responses under the frozen reference policy."""
-        logits = response_logits(self.ref_policy, ids, mask, context_length)
+        """Log-probs of the responses under the reference: the frozen copy, or the policy with its LoRA adapter off."""
+        from rlhf.models.lora import reference_policy
+
+        with reference_policy(self.policy, self.ref_policy) as ref:
+            logits = response_logits(ref, ids, mask, context_length)
         return F.logprobs_from_logits(logits, responses, self.cfg.temperature)
 
     def _tick(self, phase: str | None) -> None:
@@ -327,11 +332,7 @@ class PPOModule(pl.LightningModule):
                 lg.experiment.add_text("samples", table, step)
 
     def _check_finite(self, **tensors):
-        for name, t in tensors.items():
-            if not torch.isfinite(t).all():
-                step = self.trainer.fit_loop.epoch_loop._batches_that_stepped + 1
-                raise UserError(f"non-finite {name} at PPO step {step}: stopping; earlier checkpoints are kept "
-                                f"in {self.trainer.default_root_dir}/checkpoints")
+        check_finite(self, "PPO", **tensors)
 
     # ----- checkpoint state beyond the weights -----
     def on_save_checkpoint(self, checkpoint):
