@@ -37,7 +37,8 @@ class StageConfig:
 def adamw_with_schedule(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
                         schedule: str = "linear"):
     """Lightning's `configure_optimizers` answer: AdamW, per-step warm-up then decay."""
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    # foreach: multi-tensor kernels instead of a loop per tensor (fused is refused by Lightning with clipping under AMP).
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=True)
     sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

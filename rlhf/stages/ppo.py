@@ -148,7 +148,10 @@ class PPOModule(pl.LightningModule):
                 "reward_init": conf.reward_model_path or artifacts.get("rm")}
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.cfg.lr, eps=self.cfg.adam_eps)
+        # foreach: a few multi-tensor kernels instead of one loop per tensor (fused would be faster but
+        # Lightning refuses gradient clipping with fused optimizers under mixed precision).
+        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.cfg.lr,
+                                eps=self.cfg.adam_eps, foreach=True)
         total = self.trainer.max_steps // self.optimizer_steps_per_batch
         anneal = (lambda u: max(0.0, 1.0 - u / max(total, 1))) if self.cfg.anneal_lr else (lambda u: 1.0)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, anneal)}
@@ -270,6 +273,7 @@ class PPOModule(pl.LightningModule):
                 if c.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
+                opt.zero_grad(set_to_none=True)  # gradients freed before the next rollout, not held through it
                 with torch.no_grad():
                     ent = F.masked_mean(F.entropy_from_logits(new_logits.detach(), c.temperature), resp_mask[mb])
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg["clipfrac"]),

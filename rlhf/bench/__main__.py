@@ -1,0 +1,177 @@
+"""Time the project's PPO loop and reward-model training, optionally against TRL on the same work.
+
+    python -m rlhf.bench                                  # 4 layers x 256, vocab 50257, batch 16
+    python -m rlhf.bench --preset gpt2 --kind ppo         # GPT-2-small shape, batch 8
+    python -m rlhf.bench --vs-trl --precision bf16        # + TRL (pip install -e '.[bench]')
+    python -m rlhf.bench --layers 1 --dim 32 --heads 2 --batch 4 --episodes 8 --warmup 1 --response-length 4
+
+Prints one JSON line per measurement on stdout (progress goes to stderr):
+  {"kind": "ppo"|"rm", "impl": "ours"|"trl", "shape", "episodes_per_s"|"pairs_per_s", "seconds"
+   (generation/scoring/training/other of the timed window), "peak_rss_mb", "threads", "precision",
+   "mfu", "peak_tflops", ...}
+and with --vs-trl one comparison line per kind: {"kind", "shape", "ours", "trl", "ratio" (ours/trl),
+"ours_peak_rss_mb", "trl_peak_rss_mb", "mfu", "trl_mfu", "precision", "trl_precision", ...}.
+
+How: the random-init models (fixed seed) and the prompts are built once here and saved to a
+temporary directory; every measurement is a fresh subprocess (`rlhf.bench.ours`,
+`rlhf.bench.trl_side`) that loads them, so each side's peak RSS is its own. Sides alternate
+(ours, trl, ours, trl, ... for --rounds rounds) and the best round of each is reported (all rounds
+are listed under "rounds"). The first --warmup updates are not timed. MFU = model FLOPs per second
+(rlhf/bench/common.py documents the count) / this machine's matmul peak at the run's precision,
+measured here with the same thread count before and after each kind's runs (the best is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from rlhf.bench.common import (SEED, Shape, build_models, make_data, matmul_peak_tflops, ppo_flops_per_episode,
+                               rm_flops_per_pair, set_threads, shape_dict)
+
+PRESETS = {
+    "small": dict(layers=4, dim=256, heads=4, vocab=50257, batch=16),
+    "gpt2": dict(layers=12, dim=768, heads=12, vocab=50257, batch=8),
+}
+SHAPE_FLAGS = ("layers", "dim", "heads", "vocab", "batch", "prompt_length", "response_length", "ppo_epochs",
+               "mini_batches", "rm_response_length")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m rlhf.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", default="ppo,rm", help="comma list of ppo, rm")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="shape defaults (flags override)")
+    for f in SHAPE_FLAGS:
+        ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
+    ap.add_argument("--episodes", type=int, default=64, help="timed PPO episodes (rounded up to whole batches)")
+    ap.add_argument("--pairs", type=int, default=256, help="timed RM pairs (rounded up to whole batches)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed updates first")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="ours")
+    ap.add_argument("--trl-precision", choices=("best", "same", "fp32", "bf16"), default="best",
+                    help="best: run TRL in fp32 and in bf16 and compare against the faster")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each side is reported")
+    ap.add_argument("--vs-trl", action="store_true", help="also run TRL's PPOTrainer / RewardTrainer")
+    ap.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate (both sides)")
+    ap.add_argument("--rm-lr", type=float, default=1e-3, help="RM learning rate (both sides)")
+    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
+    a = ap.parse_args(argv)
+    a.kinds = [k.strip() for k in a.kind.split(",") if k.strip()]
+    if not a.kinds or set(a.kinds) - {"ppo", "rm"}:
+        ap.error(f"--kind {a.kind!r}: expected a comma list of ppo, rm")
+    vals = {**PRESETS[a.preset], **{f: getattr(a, f) for f in SHAPE_FLAGS if getattr(a, f) is not None}}
+    a.shape = replace(Shape(), **vals)
+    if a.shape.batch % a.shape.mini_batches:
+        ap.error(f"--batch {a.shape.batch} is not divisible by --mini-batches {a.shape.mini_batches}")
+    if a.shape.dim % a.shape.heads:
+        ap.error(f"--dim {a.shape.dim} is not divisible by --heads {a.shape.heads}")
+    if min(a.episodes, a.pairs, a.rounds, a.threads) <= 0 or a.warmup < 0:
+        ap.error("--episodes, --pairs, --rounds and --threads must be > 0, --warmup >= 0")
+    if a.vs_trl and importlib.util.find_spec("trl") is None:
+        ap.error("--vs-trl needs TRL: pip install -e '.[bench]'")
+    a.trl_precisions = {"best": ["fp32", "bf16"], "same": [a.precision]}.get(a.trl_precision, [a.trl_precision])
+    return a
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def run_side(impl: str, job: dict, a, tmp: Path) -> dict:
+    out = tmp / f"result-{impl}-{job['kind']}-{job['precision']}.json"
+    out.unlink(missing_ok=True)
+    job = {**job, "out": str(out)}
+    module = "rlhf.bench.ours" if impl == "ours" else "rlhf.bench.trl_side"
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(job)], env=env, capture_output=True,
+                          text=True, timeout=a.timeout)
+    if proc.returncode != 0 or not out.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-25:]
+        raise SystemExit(f"{impl} {job['kind']} ({job['precision']}) failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return json.loads(out.read_text())
+
+
+def summarise(kind: str, impl: str, runs: list[dict], a, flops_per_item: float, peaks: dict) -> dict:
+    best = max(runs, key=lambda r: r["items_per_s"])
+    unit = "episodes_per_s" if kind == "ppo" else "pairs_per_s"
+    peak = peaks[best["precision"]]
+    rate = best["items_per_s"]
+    return {"kind": kind, "impl": impl, "shape": a.shape.id(kind), unit: round(rate, 4),
+            "seconds": {k: round(v, 3) for k, v in best["seconds"].items()},
+            "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+            "baseline_rss_mb": round(best.get("baseline_rss_mb", 0.0), 1), "threads": best["threads"],
+            "precision": best["precision"], "mfu": round(flops_per_item * rate / (peak * 1e12), 5),
+            "peak_tflops": round(peak, 4), "model_tflops_per_s": round(flops_per_item * rate / 1e12, 5),
+            "flops_per_item": flops_per_item, "timed_items": best["timed_items"],
+            "timed_seconds": round(best["timed_seconds"], 3), "statistic": f"best of {len(runs)} rounds",
+            "rounds": [round(r["items_per_s"], 4) for r in runs],
+            "weights_changed": all(r["weights_changed"] for r in runs), "config": best.get("config", {})}
+
+
+def compare(kind: str, ours: dict, trls: dict) -> dict:
+    unit = "episodes_per_s" if kind == "ppo" else "pairs_per_s"
+    trl = max(trls.values(), key=lambda r: r[unit])
+    return {"kind": kind, "shape": ours["shape"], "ours": ours[unit], "trl": trl[unit],
+            "ratio": round(ours[unit] / trl[unit], 3), "ours_peak_rss_mb": ours["peak_rss_mb"],
+            "trl_peak_rss_mb": trl["peak_rss_mb"], "mfu": ours["mfu"], "trl_mfu": trl["mfu"],
+            "precision": ours["precision"], "trl_precision": trl["precision"],
+            "trl_by_precision": {p: r[unit] for p, r in trls.items()}, "unit": unit, "threads": ours["threads"],
+            "statistic": ours["statistic"]}
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    set_threads(a.threads)
+    s = a.shape
+    updates = {"ppo": math.ceil(a.episodes / s.batch), "rm": math.ceil(a.pairs / s.batch)}
+    with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as d:
+        tmp = Path(d)
+        log(f"building models and data for {s.id('ppo')}")
+        dirs = build_models(s, tmp, a.seed)
+        total = {k: s.batch * (a.warmup + u) for k, u in updates.items()}
+        data = make_data(s, total["ppo"] if "ppo" in a.kinds else 0, total["rm"] if "rm" in a.kinds else 0, a.seed)
+        (tmp / "data.json").write_text(json.dumps(data))
+        precisions = {a.precision} | (set(a.trl_precisions) if a.vs_trl else set())
+        peaks = {}
+        for p in sorted(precisions):
+            peaks[p] = matmul_peak_tflops(p)
+            log(f"matmul peak {p}: {peaks[p]:.3f} TFLOP/s on {a.threads} threads")
+        for kind in a.kinds:
+            if kind == "ppo":
+                flops = ppo_flops_per_episode(s)
+            else:
+                mean_tokens = sum(len(c) + len(r) for c, r in zip(data["chosen_ids"], data["rejected_ids"])) / len(data["chosen_ids"])
+                flops = rm_flops_per_pair(s, mean_tokens)
+            base = {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
+                    "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates[kind],
+                    "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr}
+            sides = [("ours", a.precision)] + ([("trl", p) for p in a.trl_precisions] if a.vs_trl else [])
+            runs: dict = {side: [] for side in sides}
+            for r in range(a.rounds):
+                for impl, prec in sides:
+                    log(f"{kind} round {r + 1}/{a.rounds}: {impl} {prec}")
+                    runs[(impl, prec)].append(run_side(impl, {**base, "precision": prec}, a, tmp))
+            for p in peaks:  # the peak again after the runs: the better of the two, in case of load
+                peaks[p] = max(peaks[p], matmul_peak_tflops(p))
+            lines = {side: summarise(kind, side[0], rs, a, flops, peaks) for side, rs in runs.items()}
+            if any(line["mfu"] > 1 for line in lines.values()):
+                log("MFU > 1: the matmul peak was measured while the machine was busy; rerun on a quiet machine")
+            for line in lines.values():
+                print(json.dumps(line), flush=True)
+            if a.vs_trl:
+                trls = {p: line for (impl, p), line in lines.items() if impl == "trl"}
+                print(json.dumps(compare(kind, lines[("ours", a.precision)], trls)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""What both sides of `python -m rlhf.bench` share: the shape, the random-init models and the
+prompts both load, the model-FLOP count, the matmul peak, threads and peak memory.
+
+    python -m rlhf.bench --preset small --vs-trl
+
+Model FLOPs (counted analytically; attention score/value products and element-wise work are NOT
+included, so MFU is a slight underestimate at long contexts). GPT-2 with L layers, width d,
+vocabulary V; prompt P tokens, response R tokens, T = P + R:
+
+    N_body = 12 * L * d^2         matmul weights of the blocks (qkv 3d^2, proj d^2, mlp 8d^2)
+    head   = d * V                the LM head (tied to the embedding; the lookup itself is free)
+
+One PPO episode (a forward is 2 FLOPs per weight per token, forward + backward 6):
+    generation   2 * (N_body * T + head * R)    prefill + decode; LM head only where logits are used
+    reference    2 * (N_body * T + head * R)    log-probs of the response under the frozen copy
+    value        2 * N_body * T                 rollout values (value model = RM-shaped copy)
+    reward       2 * N_body * T                 reward-model score
+    training     E * [6 * (N_body * T + head * R) + 6 * N_body * T]   policy + value, E PPO epochs
+One reward-model pair: 6 * N_body * (T_chosen + T_rejected) (real tokens, not padding).
+
+The same count is used for both implementations: it is the useful work, so an implementation
+that computes logits it never uses (e.g. over prompt positions) gets a lower MFU, not a higher one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PAD_ID = 50256  # GPT-2's eos, also its pad
+SEED = 1234  # weights, prompts and sampling
+
+
+@dataclass
+class Shape:
+    layers: int = 4
+    dim: int = 256
+    heads: int = 4
+    vocab: int = 50257
+    batch: int = 16
+    prompt_length: int = 32
+    response_length: int = 32
+    ppo_epochs: int = 4
+    mini_batches: int = 1
+    rm_response_length: int = 8  # response tokens per side of an RM pair (synthetic responses have 4-10)
+
+    def id(self, kind: str) -> str:
+        base = f"L{self.layers}-d{self.dim}-h{self.heads}-V{self.vocab}-B{self.batch}-P{self.prompt_length}"
+        if kind == "rm":
+            return f"{base}-R{self.rm_response_length}"
+        return f"{base}-R{self.response_length}-E{self.ppo_epochs}-M{self.mini_batches}"
+
+
+# ----- model FLOPs -----
+def body_params(layers: int, dim: int) -> int:
+    return 12 * layers * dim * dim
+
+
+def ppo_flops_per_episode(s: Shape) -> float:
+    body, head = body_params(s.layers, s.dim), s.dim * s.vocab
+    T, R = s.prompt_length + s.response_length, s.response_length
+    policy_fwd = 2 * (body * T + head * R)
+    generation = policy_fwd
+    reference = policy_fwd
+    value = reward = 2 * body * T
+    training = s.ppo_epochs * (3 * policy_fwd + 6 * body * T)
+    return float(generation + reference + value + reward + training)
+
+
+def rm_flops_per_pair(s: Shape, mean_pair_tokens: float) -> float:
+    return float(6 * body_params(s.layers, s.dim) * mean_pair_tokens)
+
+
+# ----- the machine -----
+def set_threads(n: int) -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def current_rss_mb() -> float:
+    """Resident memory now (Linux /proc; 0 elsewhere): the imports' share of the peak, taken before any model."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def matmul_peak_tflops(precision: str, sizes=(1024, 2048), repeats: int = 5) -> float:
+    """Best TFLOP/s of a square `a @ b` over `sizes` in fp32 or bf16 (the current thread count)."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    best = 0.0
+    g = torch.Generator().manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=g).to(dtype)
+        b = torch.randn(n, n, generator=g).to(dtype)
+        a @ b  # warm-up: oneDNN primitive creation, page faults
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
+    return best
+
+
+# ----- the models and data both sides load -----
+def build_models(s: Shape, out: Path, seed: int = SEED) -> dict:
+    """A random-init GPT-2 policy and a reward model (scalar head) saved with their tokenizer.
+
+    The value model is initialised from the reward model by both implementations, the reference
+    policy is a copy of the policy.
+    """
+    import torch
+    import transformers
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from rlhf.models.tokenizer import load_tokenizer
+
+    if s.vocab < 50257:
+        raise SystemExit(f"--vocab {s.vocab}: the prompts use GPT-2's tokenizer, so the vocabulary must be >= 50257")
+    transformers.utils.logging.disable_progress_bar()
+    tok = load_tokenizer("gpt2-bundled")
+    conf = dict(n_layer=s.layers, n_embd=s.dim, n_head=s.heads, vocab_size=s.vocab,
+                n_positions=max(1024, s.prompt_length + s.response_length), resid_pdrop=0.0, embd_pdrop=0.0,
+                attn_pdrop=0.0, bos_token_id=PAD_ID, eos_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    policy = GPT2LMHeadModel(GPT2Config(**conf))
+    torch.manual_seed(seed + 1)
+    rm = GPT2ForSequenceClassification(GPT2Config(**conf, num_labels=1, pad_token_id=PAD_ID))
+    dirs = {"policy": out / "policy", "rm": out / "rm"}
+    for model, d in ((policy, dirs["policy"]), (rm, dirs["rm"])):
+        model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+    return {k: str(v) for k, v in dirs.items()}
+
+
+def make_data(s: Shape, n_prompts: int, n_pairs: int, seed: int = SEED) -> dict:
+    """Prompts and preference pairs of exactly one length each, as text and as token ids.
+
+    Only synthetic prompts of at least `prompt_length` tokens are kept, so after the usual left
+    truncation every prompt is exactly `prompt_length` tokens and every batch has the same width in
+    both implementations whatever order their loaders shuffle into. RM pairs keep responses of at
+    least `rm_response_length` tokens for the same reason. Token ids come from the project's own
+    datamodule encoding, so the TRL side gets exactly the tokens ours builds.
+    """
+    from rlhf.data import PreferenceDataModule
+    from rlhf.data.synthetic import generate_pairs
+    from rlhf.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("gpt2-bundled")
+    prompts, pairs = [], []
+    n, attempt = max(256, 8 * max(n_prompts, n_pairs)), 0
+    while len(prompts) < n_prompts or len(pairs) < n_pairs:
+        cand = generate_pairs(n, seed + attempt)
+        plen = [len(x) for x in tok([p.prompt for p in cand], add_special_tokens=False)["input_ids"]]
+        clen = [len(x) for x in tok([p.chosen for p in cand], add_special_tokens=False)["input_ids"]]
+        rlen = [len(x) for x in tok([p.rejected for p in cand], add_special_tokens=False)["input_ids"]]
+        for p, a, b, c in zip(cand, plen, clen, rlen):
+            if a >= s.prompt_length:
+                prompts.append(p)
+                if min(b, c) >= s.rm_response_length:
+                    pairs.append(p)
+        attempt += 1
+        n *= 2
+    prompts, pairs = prompts[:n_prompts], pairs[:n_pairs]
+
+    def encode(mode, items):
+        dm = PreferenceDataModule(None, tok, mode, s.batch, s.prompt_length,
+                                  s.rm_response_length if mode == "rm" else s.response_length)
+        return dm._encode(items)
+
+    prompt_ids = [x["input_ids"] for x in encode("prompts", prompts)]
+    rm_items = encode("rm", pairs)
+    assert all(len(x) == s.prompt_length for x in prompt_ids)
+    return {"prompts": [p.prompt for p in prompts], "prompt_ids": prompt_ids,
+            "pairs": [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs],
+            "chosen_ids": [x["chosen_input_ids"] for x in rm_items],
+            "rejected_ids": [x["rejected_input_ids"] for x in rm_items]}
+
+
+# ----- timing -----
+class Window:
+    """End-of-update timestamps; the timed window runs from the end of the last warm-up update
+    (or the start of training when there is none) to the end of the last update, so it holds
+    everything the loop does between updates too (data, logging, hooks)."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.start = None
+        self.ends: list[float] = []
+        self.phases_at_start: dict = {}
+
+    def begin(self, phases: dict | None = None) -> None:
+        self.start = time.perf_counter()
+        self.phases_at_start = dict(phases or {})
+
+    def step_end(self, phases: dict | None = None) -> None:
+        self.ends.append(time.perf_counter())
+        if len(self.ends) == self.warmup:
+            self.phases_at_start = dict(phases or {})
+
+    def result(self, items_per_update: int, phases_at_end: dict | None = None) -> dict:
+        timed = len(self.ends) - self.warmup
+        if timed <= 0:
+            raise RuntimeError(f"only {len(self.ends)} updates ran, warm-up is {self.warmup}")
+        t0 = self.ends[self.warmup - 1] if self.warmup else self.start
+        seconds = self.ends[-1] - t0
+        out = {"timed_updates": timed, "timed_items": timed * items_per_update, "timed_seconds": seconds,
+               "items_per_s": timed * items_per_update / seconds}
+        if phases_at_end is not None:
+            split = {k: phases_at_end.get(k, 0.0) - self.phases_at_start.get(k, 0.0)
+                     for k in ("generation", "scoring", "training")}
+            split["other"] = seconds - sum(split.values())
+            out["seconds"] = split
+        return out
+
+
+def optimizer_name(opt) -> str:
+    """e.g. "AdamW(fused)": which implementation steps the weights (fused, foreach or the for-loop)."""
+    opt = getattr(opt, "optimizer", opt)  # accelerate wraps TRL's
+    d = opt.defaults
+    impl = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "default: fused/foreach off"
+    return f"{type(opt).__name__}({impl})"
+
+
+def write_result(path: str, result: dict) -> None:
+    Path(path).write_text(json.dumps(result))
+
+
+def shape_from(d: dict) -> Shape:
+    return Shape(**d)
+
+
+def shape_dict(s: Shape) -> dict:
+    return asdict(s)

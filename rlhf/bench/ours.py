@@ -1,0 +1,152 @@
+"""Our side of `python -m rlhf.bench`: the project's real PPO and reward-model stages, timed.
+
+    python -m rlhf.bench.ours ARGS_JSON     (started by `python -m rlhf.bench`, one process per run)
+
+The config is composed from conf/train.yaml exactly as `train.py` composes it, and the module,
+datamodule and Lightning Trainer are built as `rlhf.pipeline.run_stage` builds them, minus the
+checkpoint/metrics/progress callbacks, the logger and the end-of-stage export and evaluation
+(none of which TRL's timed loop does either). A Lightning callback stamps the end of every update.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from rlhf.bench.common import (Window, current_rss_mb, optimizer_name, peak_rss_mb, set_threads, shape_from,
+                               write_result)
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from rlhf.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def _timer(warmup: int):
+    import pytorch_lightning as pl
+
+    class UpdateTimer(pl.Callback):
+        def __init__(self):
+            self.window = Window(warmup)
+
+        def on_train_start(self, trainer, module):
+            self.window.begin(getattr(module, "phase_seconds", None))
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.window.step_end(getattr(module, "phase_seconds", None))
+
+    return UpdateTimer()
+
+
+def _probe(model):
+    """A copy of one mid-network weight, to check after training that the optimizer moved it."""
+    return next(p for n, p in model.named_parameters() if "h.0." in n and n.endswith("weight") and p.dim() == 2).detach().clone()
+
+
+def _changed(model, before) -> bool:
+    return not bool((_probe(model) == before).all())
+
+
+def _fit(module, dm, cfg, steps: int, warmup: int, root: str):
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    timer = _timer(warmup)
+    trainer = instantiate(cfg.trainer, max_steps=steps, max_epochs=-1, logger=False, callbacks=[timer],
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_val_batches=0, default_root_dir=root)
+    assert isinstance(trainer, pl.Trainer)
+    trainer.fit(module, datamodule=dm)
+    return timer.window, trainer.optimizers[0]
+
+
+def run(a: dict, root: str) -> dict:
+    import pytorch_lightning as pl
+    import torch
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    from rlhf.data import PreferenceDataModule, PreferencePair, PreferenceSplits
+    from rlhf.models.tokenizer import load_tokenizer
+
+    import rlhf.stages.ppo  # noqa: F401  (the stages' imports count in the baseline RSS)
+    import rlhf.stages.reward_model  # noqa: F401
+
+    baseline_rss = current_rss_mb()
+    s = shape_from(a["shape"])
+    data = json.loads(Path(a["data"]).read_text())
+    updates = a["warmup"] + a["updates"]
+    precision = {"fp32": "32-true", "bf16": "bf16-mixed"}[a["precision"]]
+    common = [f"paths.output_dir={root}", "trainer=cpu", f"trainer.precision={precision}", f"seed={a['seed']}"]
+    if a["kind"] == "ppo":
+        # No stop token and no missing-EOS penalty (TRL's defaults); no gradient clipping, which TRL's
+        # PPO loop never does (it steps the optimizer without clip_grad_norm).
+        overrides = ["stage=ppo", f"algo.policy_path={a['policy']}", f"algo.reward_model_path={a['rm']}",
+                     f"algo.batch_size={s.batch}", f"algo.response_length={s.response_length}",
+                     f"algo.num_ppo_epochs={s.ppo_epochs}", f"algo.num_mini_batches={s.mini_batches}",
+                     f"algo.max_prompt_length={s.prompt_length}", f"algo.max_steps={updates}",
+                     "algo.stop_token=null", "algo.missing_eos_penalty=null", "algo.max_grad_norm=null",
+                     "algo.temperature=1.0", "algo.kl_coef=0.05", f"algo.lr={a['lr']}"]
+        key, prompts = "algo", data["prompts"][: s.batch * updates]
+        pairs = [PreferencePair(p, "", "") for p in prompts]
+    else:
+        overrides = ["stage=rm", f"rm.batch_size={s.batch}", f"rm.max_prompt_length={s.prompt_length}",
+                     f"rm.max_response_length={s.rm_response_length}", f"rm.max_steps={updates}",
+                     f"rm.lr={a['rm_lr']}"]
+        key = "rm"
+        pairs = [PreferencePair(**p) for p in data["pairs"][: s.batch * updates]]
+    cfg = compose(common + overrides)
+    pl.seed_everything(a["seed"], workers=True)
+    node = cfg[key]
+    cls = get_class(node._target_)
+    conf = cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), key)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if a["kind"] == "ppo":
+        tokenizer = load_tokenizer(a["policy"])
+        module = instantiate(node, _convert_="all", model=model_cfg, policy_init=a["policy"], reward_init=a["rm"])
+        watched = [module.policy, module.value_model]
+    else:
+        tokenizer = load_tokenizer(a["rm"])
+        module = instantiate(node, _convert_="all", model=model_cfg, init_from=a["rm"],
+                             pad_token_id=tokenizer.pad_token_id)
+        watched = [module.model]
+    dm = PreferenceDataModule(PreferenceSplits(train=pairs, val=[]), tokenizer, cls.data_mode, conf.batch_size,
+                              conf.max_prompt_length, conf.max_response_length, seed=a["seed"])
+    before = [_probe(m) for m in watched]
+    per_batch = getattr(module, "optimizer_steps_per_batch", 1)
+    window, opt = _fit(module, dm, cfg, updates * per_batch, a["warmup"], root)
+    phases = getattr(module, "phase_seconds", None) if a["kind"] == "ppo" else None
+    res = window.result(s.batch, phases)
+    if res.get("seconds") is None:
+        res["seconds"] = {"training": res["timed_seconds"]}
+    res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_rss, threads=torch.get_num_threads(),
+               precision=a["precision"], weights_changed=all(_changed(m, b) for m, b in zip(watched, before)),
+               config={"lightning_precision": precision, "optim": optimizer_name(opt),
+                       "grad_clip": getattr(conf, "max_grad_norm", cfg.trainer.get("gradient_clip_val"))})
+    return res
+
+
+def main() -> None:
+    a = json.loads(sys.argv[1])
+    set_threads(a["threads"])
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="bench-ours-") as root:
+        write_result(a["out"], run(a, root))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""TRL's side of `python -m rlhf.bench --vs-trl`: TRL's PPOTrainer and RewardTrainer on the same
+weights, prompts and settings as ours, timed.
+
+    python -m rlhf.bench.trl_side ARGS_JSON     (started by `python -m rlhf.bench --vs-trl`)
+
+Needs the optional extra: pip install -e '.[bench]' (trl==1.12.0, the last release with PPO).
+TRL is configured for equal work and no overhead of its own making: no logging, saving, progress
+bar or sample generations; gradient checkpointing off (TRL's configs default it on, ours has none);
+the same threads. bf16 is TRL's `bf16=True`; its PPOTrainer builds `Accelerator()` without passing
+the precision on, so we also set ACCELERATE_MIXED_PRECISION=bf16, as `accelerate launch
+--mixed_precision bf16` would: otherwise TRL's PPO silently runs in fp32.
+
+Phase split of TRL's PPO: `batch_generation` (generation) and the first training forward of each
+update are stamped by thin wrappers, and the last optimizer step's end; scoring is the time between
+generation and training. The wrappers only read the clock.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from rlhf.bench.common import (Window, current_rss_mb, optimizer_name, peak_rss_mb, set_threads, shape_from,
+                               write_result)
+
+
+def _import_trl():
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        raise SystemExit("TRL is not installed: pip install -e '.[bench]'") from None
+    return trl
+
+
+def _probe(model):
+    return next(p for n, p in model.named_parameters() if "h.0." in n and n.endswith("weight") and p.dim() == 2).detach().clone()
+
+
+def _changed(model, before) -> bool:
+    return not bool((_probe(model) == before).all())
+
+
+def _callback(window: Window, phases: dict | None = None):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            window.begin(phases)
+
+        def on_step_end(self, args, state, control, **kw):
+            window.step_end(phases)
+
+    return StepTimer()
+
+
+def _quiet(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+
+def _phase_probes(mod, phases: dict):
+    """Wrap TRL's module-level `batch_generation` and `forward` to stamp the phases of each update."""
+    st = {"gen_end": None, "train_start": None, "last_opt": None, "model": None}
+    orig_gen, orig_fwd = mod.batch_generation, mod.forward
+
+    def close_update():
+        if st["gen_end"] is not None and st["train_start"] is not None and st["last_opt"] is not None:
+            phases["scoring"] += st["train_start"] - st["gen_end"]
+            phases["training"] += st["last_opt"] - st["train_start"]
+        st.update(gen_end=None, train_start=None, last_opt=None)
+
+    def batch_generation(*a, **k):
+        close_update()
+        t = time.perf_counter()
+        out = orig_gen(*a, **k)
+        st["gen_end"] = time.perf_counter()
+        phases["generation"] += st["gen_end"] - t
+        return out
+
+    def forward(model, *a, **k):
+        if model is st["model"] and st["train_start"] is None:
+            st["train_start"] = time.perf_counter()
+        return orig_fwd(model, *a, **k)
+
+    mod.batch_generation, mod.forward = batch_generation, forward
+
+    def wrap_optimizer(trainer):
+        st["model"] = trainer.model
+        step = trainer.optimizer.step
+
+        def timed_step(*a, **k):
+            out = step(*a, **k)
+            st["last_opt"] = time.perf_counter()
+            return out
+
+        trainer.optimizer.step = timed_step
+
+    return wrap_optimizer, close_update
+
+
+def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import trl.experimental.ppo.ppo_trainer as mod
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    updates = a["warmup"] + a["updates"]
+    # Ours (rlhf/stages/ppo.py): torch AdamW, lr 3e-4 annealed linearly to 0 over the run, eps 1e-5,
+    # weight decay 0.01 (torch's default), no clipping; k1 KL at 0.05; vf_coef, clip ranges, gamma
+    # and lam at the defaults both share.
+    tok = AutoTokenizer.from_pretrained(a["policy"], padding_side="left")
+    tok.pad_token = tok.eos_token
+    ids = data["prompt_ids"][: s.batch * updates]
+    train = Dataset.from_dict({"input_ids": ids})
+    evald = Dataset.from_dict({"input_ids": ids[: s.batch]})
+    args = PPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
+        num_mini_batches=s.mini_batches, num_ppo_epochs=s.ppo_epochs, response_length=s.response_length,
+        total_episodes=s.batch * updates, learning_rate=a["lr"], adam_epsilon=1e-5, weight_decay=0.01,
+        kl_coef=0.05, temperature=1.0, stop_token=None, missing_eos_penalty=None,
+        local_rollout_forward_batch_size=s.batch, num_sample_generations=0, report_to=[],
+        logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
+        sft_model_path=a["policy"], reward_model_path=a["rm"], dataloader_num_workers=0)
+    policy = AutoModelForCausalLM.from_pretrained(a["policy"])
+    ref = AutoModelForCausalLM.from_pretrained(a["policy"])
+    reward = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
+    phases = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+    wrap_optimizer, close_update = _phase_probes(mod, phases)
+    window = Window(a["warmup"])
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=train, eval_dataset=evald,
+                         callbacks=[_callback(window, phases)])
+    _quiet(trainer)
+    wrap_optimizer(trainer)
+    orig_close = window.step_end
+
+    def step_end(ph=None):  # close the update's phases before the window snapshots them
+        close_update()
+        orig_close(ph)
+
+    window.step_end = step_end
+    before = [_probe(policy), _probe(value)]
+    trainer.train()
+    res = window.result(s.batch, phases)
+    res.update(weights_changed=all(_changed(m, b) for m, b in zip((policy, value), before)),
+               config={"accelerate_mixed_precision": trainer.accelerator.mixed_precision,
+                       "optim": optimizer_name(trainer.optimizer), "gradient_checkpointing": args.gradient_checkpointing})
+    return res
+
+
+def run_rm(a: dict, s, data: dict, out_dir: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trl import RewardConfig, RewardTrainer
+
+    updates = a["warmup"] + a["updates"]
+    tok = AutoTokenizer.from_pretrained(a["rm"])
+    tok.pad_token = tok.eos_token
+    n = s.batch * updates
+    train = Dataset.from_dict({"chosen_ids": data["chosen_ids"][:n], "rejected_ids": data["rejected_ids"][:n]})
+    # Ours: AdamW lr 1e-3, no weight decay, linear warm-up 20 steps then linear decay, no clipping.
+    args = RewardConfig(
+        output_dir=out_dir, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1, max_steps=updates,
+        learning_rate=a["rm_lr"], weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=20, max_grad_norm=0.0,
+        report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
+        max_length=None, center_rewards_coefficient=None, dataloader_num_workers=0)
+    model = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
+    window = Window(a["warmup"])
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
+                            callbacks=[_callback(window)])
+    _quiet(trainer)
+    before = _probe(model)
+    trainer.train()
+    res = window.result(s.batch)
+    res["seconds"] = {"training": res["timed_seconds"]}
+    res.update(weights_changed=_changed(model, before),
+               config={"accelerate_mixed_precision": trainer.accelerator.mixed_precision,
+                       "optim": optimizer_name(trainer.optimizer), "gradient_checkpointing": args.gradient_checkpointing})
+    return res
+
+
+def main() -> None:
+    a = json.loads(sys.argv[1])
+    if a["precision"] == "bf16":
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # see the module docstring
+    set_threads(a["threads"])
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trl = _import_trl()
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from trl import RewardTrainer  # noqa: F401  (imports before the baseline RSS)
+    from trl.experimental.ppo import PPOTrainer  # noqa: F401
+
+    baseline_rss = current_rss_mb()
+    s = shape_from(a["shape"])
+    data = json.loads(Path(a["data"]).read_text())
+    torch.manual_seed(a["seed"])
+    with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
+        res = (run_ppo if a["kind"] == "ppo" else run_rm)(a, s, data, out_dir)
+    res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_rss, threads=torch.get_num_threads(), precision=a["precision"],
+               trl_version=trl.__version__)
+    write_result(a["out"], res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`python -m rlhf.bench`: the model-FLOP count, and the command's JSON lines on a tiny shape
+(ours only; the TRL comparison when the optional `.[bench]` extra is installed)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf.bench.common import Shape, body_params, ppo_flops_per_episode, rm_flops_per_pair
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "50257", "--batch", "4", "--episodes", "8",
+        "--warmup", "1", "--response-length", "4", "--rounds", "1"]
+
+
+def test_flops_by_hand():
+    # 1 layer, d=2: the block's matmul weights are qkv 2x6, proj 2x2, fc 2x8, mlp proj 8x2 = 48 = 12*d^2.
+    assert body_params(1, 2) == 2 * 6 + 2 * 2 + 2 * 8 + 8 * 2 == 48
+    s = Shape(layers=1, dim=2, heads=1, vocab=10, batch=1, prompt_length=3, response_length=2, ppo_epochs=1)
+    T, R, body, head = 5, 2, 48, 20
+    gen = 2 * (body * T + head * R)  # 2 FLOPs per weight per token; LM head on the 2 response positions
+    ref = 2 * (body * T + head * R)
+    value = reward = 2 * body * T
+    train = 6 * (body * T + head * R) + 6 * body * T  # policy + value model, forward + backward
+    assert gen + ref + value + reward + train == 2 * (240 + 40) * 2 + 2 * 240 * 2 + 6 * 280 + 6 * 240
+    assert ppo_flops_per_episode(s) == gen + ref + value + reward + train == 5200
+    assert ppo_flops_per_episode(Shape(**{**s.__dict__, "ppo_epochs": 4})) == 5200 + 3 * train
+    assert rm_flops_per_pair(s, 10) == 6 * 48 * 10
+
+
+def _bench(*args: str, timeout: int = 300) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "rlhf.bench", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def _check_measurement(line: dict, kind: str, impl: str) -> None:
+    unit = "episodes_per_s" if kind == "ppo" else "pairs_per_s"
+    assert line["kind"] == kind and line["impl"] == impl
+    assert line["shape"].startswith("L1-d32-h2-V50257-B4-P")
+    for key in (unit, "peak_rss_mb", "mfu", "peak_tflops", "threads"):
+        assert line[key] > 0, key
+    assert line["precision"] == "fp32"
+    assert line["weights_changed"] is True
+    assert all(v >= 0 for k, v in line["seconds"].items() if k != "other")
+    if kind == "ppo":
+        assert {"generation", "scoring", "training"} <= set(line["seconds"])
+        assert line["seconds"]["training"] > 0 and line["seconds"]["generation"] > 0
+
+
+def test_bench_ours_json_lines():
+    lines = _bench("--kind", "ppo,rm", *TINY)
+    assert [(x["kind"], x["impl"]) for x in lines] == [("ppo", "ours"), ("rm", "ours")]
+    for line in lines:
+        _check_measurement(line, line["kind"], "ours")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL not installed (pip install -e '.[bench]')")
+def test_bench_vs_trl_comparison_lines():
+    lines = _bench("--kind", "ppo,rm", "--vs-trl", "--trl-precision", "fp32", *TINY, timeout=600)
+    comparisons = [x for x in lines if "ratio" in x]
+    assert [x["kind"] for x in comparisons] == ["ppo", "rm"]
+    for x in comparisons:
+        for key in ("ours", "trl", "ratio", "ours_peak_rss_mb", "trl_peak_rss_mb", "mfu"):
+            assert x[key] > 0, key
+        assert x["ratio"] == pytest.approx(x["ours"] / x["trl"], rel=1e-2)
+        assert x["shape"].startswith("L1-d32")
+    for line in lines:
+        if "impl" in line:
+            _check_measurement(line, line["kind"], line["impl"])  # includes: TRL's weights really changed
