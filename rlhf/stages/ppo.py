@@ -23,6 +23,7 @@ from torch import nn
 from rlhf.algorithms import ppo as F
 from rlhf.errors import ConfigError, UserError
 from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm
+from rlhf.models.lora import reference_policy
 from rlhf.models.reward import check_reward_model, load_reward_model, reward_scores, token_values
 from rlhf.models.sampling import backbone_hidden, response_logits, sample
 from rlhf.models.tokenizer import load_tokenizer
@@ -177,8 +178,6 @@ class PPOModule(pl.LightningModule):
     # ----- model calls -----
     def _ref_logprobs(self, ids, mask, context_length, responses):
         """Log-probs of the responses under the reference: the frozen copy, or the policy with its LoRA adapter off."""
-        from rlhf.models.lora import reference_policy
-
         with reference_policy(self.policy, self.ref_policy) as ref:
             logits = response_logits(ref, ids, mask, context_length)
         return F.logprobs_from_logits(logits, responses, self.cfg.temperature)
@@ -251,7 +250,7 @@ class PPOModule(pl.LightningModule):
             values = torch.where(resp_mask, values, 0.0)
             advantages, returns = F.gae(rewards, values, resp_mask, c.gamma, c.lam)
             advantages = F.masked_whiten(advantages, resp_mask, all_reduce=self._sum_over_ranks)
-        self._check_finite(scores=scores, kl=kl, advantages=advantages)
+        check_finite(self, "PPO", scores=scores, kl=kl, advantages=advantages)
         self._tick("scoring")
 
         # 4. PPO epochs over shuffled minibatches, one optimizer step each.
@@ -267,13 +266,12 @@ class PPOModule(pl.LightningModule):
                 pg_loss, pg = F.policy_loss(new_logprobs, logprobs[mb], advantages[mb], resp_mask[mb], c.cliprange)
                 vf_loss, vf = F.value_loss(vpred, values[mb], returns[mb], resp_mask[mb], c.cliprange_value)
                 loss = pg_loss + c.vf_coef * vf_loss
-                self._check_finite(loss=loss.detach())
-                opt.zero_grad()
+                check_finite(self, "PPO", loss=loss.detach())
                 self.manual_backward(loss)
                 if c.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
-                opt.zero_grad(set_to_none=True)  # gradients freed before the next rollout, not held through it
+                opt.zero_grad(set_to_none=True)  # freed now, not held through the next rollout; next backward starts clean
                 with torch.no_grad():
                     ent = F.masked_mean(F.entropy_from_logits(new_logits.detach(), c.temperature), resp_mask[mb])
                 for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg["clipfrac"]),
@@ -334,9 +332,6 @@ class PPOModule(pl.LightningModule):
         for lg in self.loggers:
             if isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_text("samples", table, step)
-
-    def _check_finite(self, **tensors):
-        check_finite(self, "PPO", **tensors)
 
     # ----- checkpoint state beyond the weights -----
     def on_save_checkpoint(self, checkpoint):
