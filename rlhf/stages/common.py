@@ -1,4 +1,4 @@
-"""What every stage shares: config validation, AdamW with a warm-up schedule, and HF export."""
+"""What every stage shares: config validation, AdamW with a warm-up schedule, gradient clipping, and HF export."""
 from __future__ import annotations
 
 import copy
@@ -34,11 +34,47 @@ class StageConfig:
                 raise ValueError(f"{n} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
 
-def adamw_with_schedule(params, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+def adamw(params, trainer, **kwargs) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`: fused (one kernel for all tensors) unless fp16 loss scaling is on.
+
+    On CPU, fused steps GPT-2's policy + value model in 0.15 s where `foreach` takes 1.6 s (and
+    allocates a temporary per moment tensor). With fp16 a GradScaler must unscale before clipping,
+    which a fused step does internally, so there we stay with `foreach`.
+    """
+    fused = not str(trainer.precision).startswith("16")
+    return torch.optim.AdamW([p for p in params if p.requires_grad], fused=fused, foreach=not fused, **kwargs)
+
+
+def clip_gradients(module, optimizer, clip_val: float, algorithm: str = "norm") -> None:
+    """Gradient clipping that also works for a fused optimizer under bf16 mixed precision.
+
+    Lightning's AMP plugin refuses to clip for any optimizer that unscales internally, because of
+    fp16's GradScaler; bf16 has no scaler, so the gradients are already true and torch clips them.
+    """
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    opt = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the torch one
+    plugin = module.trainer.precision_plugin
+    if isinstance(plugin, MixedPrecision) and plugin.scaler is None and opt.defaults.get("fused"):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if algorithm == "norm":  # also GradClipAlgorithmType.NORM, a str enum
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=clip_val, gradient_clip_algorithm=algorithm)
+
+
+def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    """The `configure_gradient_clipping` hook of automatically optimised stages (`trainer.gradient_clip_val`)."""
+    if gradient_clip_val:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
+
+
+def adamw_with_schedule(params, trainer, lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
                         schedule: str = "linear"):
     """Lightning's `configure_optimizers` answer: AdamW, per-step warm-up then decay."""
-    # foreach: multi-tensor kernels instead of a loop per tensor (fused is refused by Lightning with clipping under AMP).
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, foreach=True)
+    opt = adamw(params, trainer, lr=lr, weight_decay=weight_decay)
     sched = get_scheduler(schedule, opt, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

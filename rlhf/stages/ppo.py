@@ -27,7 +27,7 @@ from rlhf.models.lora import reference_policy
 from rlhf.models.reward import check_reward_model, load_reward_model, reward_scores, token_values
 from rlhf.models.sampling import backbone_hidden, response_logits, sample
 from rlhf.models.tokenizer import load_tokenizer
-from rlhf.stages.common import StageConfig, export_hf
+from rlhf.stages.common import StageConfig, adamw, clip_gradients, export_hf
 from rlhf.stages.guards import check_finite
 
 
@@ -149,10 +149,7 @@ class PPOModule(pl.LightningModule):
                 "reward_init": conf.reward_model_path or artifacts.get("rm")}
 
     def configure_optimizers(self):
-        # foreach: a few multi-tensor kernels instead of one loop per tensor (fused would be faster but
-        # Lightning refuses gradient clipping with fused optimizers under mixed precision).
-        opt = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.cfg.lr,
-                                eps=self.cfg.adam_eps, foreach=True)
+        opt = adamw(self.parameters(), self.trainer, lr=self.cfg.lr, eps=self.cfg.adam_eps)
         total = self.trainer.max_steps // self.optimizer_steps_per_batch
         anneal = (lambda u: max(0.0, 1.0 - u / max(total, 1))) if self.cfg.anneal_lr else (lambda u: 1.0)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, anneal)}
@@ -269,7 +266,7 @@ class PPOModule(pl.LightningModule):
                 check_finite(self, "PPO", loss=loss.detach())
                 self.manual_backward(loss)
                 if c.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+                    clip_gradients(self, opt, c.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)  # freed now, not held through the next rollout; next backward starts clean
                 with torch.no_grad():

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.reward import load_reward_model, reward_scores
-from rlhf.stages.common import StageConfig, adamw_with_schedule, export_hf
+from rlhf.stages.common import StageConfig, adamw_with_schedule, configure_gradient_clipping, export_hf
 from rlhf.stages.guards import check_finite
 
 
@@ -88,8 +88,10 @@ class RewardModelModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
+    configure_gradient_clipping = configure_gradient_clipping  # trainer.gradient_clip_val with a fused AdamW
+
     def configure_optimizers(self):
-        return adamw_with_schedule(self.model.parameters(), self.cfg.lr, self.cfg.weight_decay,
+        return adamw_with_schedule(self.model.parameters(), self.trainer, self.cfg.lr, self.cfg.weight_decay,
                                    self.cfg.warmup_steps, self.trainer.max_steps)
 
     @torch.no_grad()

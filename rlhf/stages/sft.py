@@ -15,7 +15,7 @@ import torch
 
 from rlhf.models.causal_lm import ModelConfig, load_causal_lm
 from rlhf.models.sampling import backbone_hidden
-from rlhf.stages.common import StageConfig, adamw_with_schedule, export_hf
+from rlhf.stages.common import StageConfig, adamw_with_schedule, configure_gradient_clipping, export_hf
 from rlhf.stages.guards import check_finite
 
 
@@ -72,8 +72,10 @@ class SFTModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         self.log("sft/val_loss", self._loss(batch), prog_bar=True, sync_dist=True)
 
+    configure_gradient_clipping = configure_gradient_clipping  # trainer.gradient_clip_val with a fused AdamW
+
     def configure_optimizers(self):
-        return adamw_with_schedule(self.model.parameters(), self.cfg.lr, self.cfg.weight_decay,
+        return adamw_with_schedule(self.model.parameters(), self.trainer, self.cfg.lr, self.cfg.weight_decay,
                                    self.cfg.warmup_steps, self.trainer.max_steps)
 
     @staticmethod
