@@ -30,6 +30,9 @@ class ModelConfig:
     tokenizer: str = "gpt2-bundled"  # tokenizer id/path; gpt2-bundled is GPT-2's BPE shipped offline
     arch: dict[str, Any] = field(default_factory=dict)  # GPT2Config fields when building from scratch
     trust_remote_code: bool = False  # never run code from a model repo unless asked to
+    # transformers' attention kernel: eager, sdpa, flash_attention_2, ... auto: eager without CUDA (at
+    # RLHF's short sequences, 40-64 tokens, it trains 13-24% faster than sdpa on CPU in bf16), else sdpa.
+    attn_implementation: str = "auto"
     # LoRA adapters (rlhf/models/lora.py) instead of full fine-tuning, in every stage; null trains all
     # weights. On from the command line: model/lora=default, then e.g. model.lora.r=16.
     lora: LoRAConfig | None = None
@@ -37,6 +40,12 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):
             self.lora = LoRAConfig.from_dict(self.lora)
+
+    @property
+    def attention(self) -> str:
+        if self.attn_implementation != "auto":
+            return self.attn_implementation
+        return "sdpa" if torch.cuda.is_available() else "eager"
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -50,6 +59,19 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+    return model
+
+
+def fast_gelu(model: nn.Module) -> nn.Module:
+    """Swaps `gelu_new` (GPT-2's tanh GELU, eight element-wise ops in Python) for PyTorch's one-kernel
+    tanh GELU: the same function to float rounding, and it was ~20% of a CPU training step at 4 layers/256
+    (`python -m rlhf.bench`). The saved config keeps `gelu_new`, so exports load unchanged anywhere."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
     return model
 
 
@@ -70,12 +92,13 @@ def load_causal_lm(cfg: ModelConfig, init_from: str | None = None, vocab_size: i
     """The policy: `init_from` (an earlier stage's export) wins over the model config."""
     path = init_from or cfg.name_or_path
     if path:
-        model = from_pretrained(AutoModelForCausalLM, path, "causal LM", trust_remote_code=cfg.trust_remote_code)
+        model = from_pretrained(AutoModelForCausalLM, path, "causal LM", trust_remote_code=cfg.trust_remote_code,
+                                attn_implementation=cfg.attention)
     else:
         arch = {"vocab_size": vocab_size, "n_positions": 256, **cfg.arch}
-        arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=cfg.attention)
         model = GPT2LMHeadModel(GPT2Config(**arch))
-    model = disable_dropout(model.float())
+    model = fast_gelu(disable_dropout(model.float()))
     return add_lora(model, cfg.lora) if cfg.lora else model
 
 

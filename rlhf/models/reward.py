@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
-from rlhf.models.causal_lm import ModelConfig, disable_dropout, from_pretrained
+from rlhf.models.causal_lm import ModelConfig, disable_dropout, fast_gelu, from_pretrained
 from rlhf.models.lora import add_lora
 
 
@@ -21,14 +21,14 @@ def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_
     path = init_from or cfg.name_or_path
     if path:
         model = from_pretrained(AutoModelForSequenceClassification, path, "reward model", num_labels=1,
-                                trust_remote_code=cfg.trust_remote_code)
+                                trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attention)
     else:
         arch = {"vocab_size": vocab_size, "n_positions": 256, **cfg.arch}
-        arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1)
+        arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1, attn_implementation=cfg.attention)
         model = GPT2ForSequenceClassification(GPT2Config(**arch))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    model = disable_dropout(model.float())
+    model = fast_gelu(disable_dropout(model.float()))
     # With LoRA the scalar head still trains in full: it is new (from an SFT export) or tiny.
     return add_lora(model, cfg.lora, modules_to_save=["score"]) if cfg.lora else model
 
