@@ -7,11 +7,31 @@ over a 50k vocabulary would be most of the work and are never used.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.algorithms.ppo import position_ids_from_mask
+
+
+@contextmanager
+def _cached_autocast(device_type: str):
+    """Inside an autocast (Lightning's bf16-mixed), cast the weights to the low precision once per
+    rollout rather than at every decode step: Lightning's autocast runs with `cache_enabled=False`.
+
+    The cache is emptied on the way out, before any optimizer step can change the weights it holds.
+    Measured on GPT-2 small, batch 8, 32 tokens, 2 CPU cores: 2.12 s -> 1.52 s per rollout.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    try:
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
 
 
 @torch.no_grad()
@@ -27,6 +47,12 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     token get `pad_token_id`; when every row has stopped the rest is padding with zero logits.
     `generator` makes the draws reproducible independently of any other use of the global RNG.
     """
+    with _cached_autocast(input_ids.device.type):
+        return _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id,
+                       stop_token_id, generator)
+
+
+def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator):
     B = input_ids.shape[0]
     pos = position_ids_from_mask(attention_mask)
     out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
