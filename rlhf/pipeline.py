@@ -23,6 +23,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from rlhf.errors import ConfigError, UserError
 from rlhf.model_card import write_model_card
+from rlhf.memory import keep_freed_memory
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.tokenizer import load_tokenizer
 
@@ -191,6 +192,8 @@ def log_hparams(trainer, cfg: DictConfig, stage: str, result: dict) -> None:
 def train(cfg: DictConfig) -> dict:
     """Run the configured stages; returns the run summary (also written to summary.json)."""
     start = time.time()
+    if cfg.get("keep_freed_memory", True):
+        keep_freed_memory()
     transformers.logging.set_verbosity_error()  # load reports and progress bars drown the stage summaries
     transformers.utils.logging.disable_progress_bar()
     run_dir = Path(cfg.paths.output_dir)

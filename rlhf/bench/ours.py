@@ -77,6 +77,7 @@ def run(a: dict, root: str) -> dict:
     from omegaconf import OmegaConf
 
     from rlhf.data import PreferenceDataModule, PreferencePair, PreferenceSplits
+    from rlhf.memory import keep_freed_memory
     from rlhf.models.tokenizer import load_tokenizer
 
     import rlhf.stages.ppo  # noqa: F401  (the stages' imports count in the baseline RSS)
@@ -106,6 +107,8 @@ def run(a: dict, root: str) -> dict:
         key = "rm"
         pairs = [PreferencePair(**p) for p in data["pairs"][: s.batch * updates]]
     cfg = compose(common + overrides)
+    if cfg.keep_freed_memory:  # as `rlhf.pipeline.train` does
+        keep_freed_memory()
     pl.seed_everything(a["seed"], workers=True)
     node = cfg[key]
     cls = get_class(node._target_)

@@ -1,0 +1,33 @@
+"""Keep freed memory inside the process, so large tensors reuse warm pages (glibc's malloc only).
+
+glibc serves every allocation above its mmap threshold (32 MiB at most) with a fresh `mmap` and
+unmaps it again on `free`, so each new logits, embedding-gradient or activation buffer of that size
+is page-faulted in and zero-filled by the kernel: 14 ms to zero a new [50257, 256] fp32 tensor
+against 1 ms for a reused one, on this project's 2-core machines. A PPO update allocates dozens of
+them. With mmap off and the heap never trimmed, freed blocks stay mapped and are reused. Peak
+memory is unchanged (a reused block was already counted at its peak); memory is just not handed
+back to the OS until the process ends.
+
+Measured with `python -m rlhf.bench --preset small --precision bf16` (2 cores): PPO 6.5 -> 7.6
+episodes/s, reward model 121 -> 131 pairs/s. It is what `MALLOC_MMAP_MAX_=0
+MALLOC_TRIM_THRESHOLD_=...` in the environment or preloading tcmalloc does, without a launcher.
+Off with `keep_freed_memory=false`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's <malloc.h>
+
+
+def keep_freed_memory() -> bool:
+    """Switch glibc's malloc to reuse freed memory; False (and nothing done) on other C libraries."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):
+        return False
