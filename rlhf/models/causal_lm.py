@@ -107,6 +107,23 @@ def count_parameters(model: nn.Module) -> int:
 
 
 @torch.no_grad()
+def lower_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Stores a frozen model's linear-layer weights in `dtype`, for use under an autocast to `dtype` only.
+
+    Autocast casts exactly these weights (and their biases) to `dtype` at every call, so under it
+    the model computes the same numbers as before, without the cast and in half the memory.
+    Embeddings, norms and weights tied to an embedding stay fp32, as autocast leaves them.
+    """
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) not in tied:
+            m.to(dtype)
+    return model
+
+
+@torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
     # A frozen model trains nothing, so a LoRA adapter it was loaded with (PPO's reward model is
     # built from the run's model config) is merged away: same outputs, no adapter compute.

@@ -22,7 +22,7 @@ from torch import nn
 
 from rlhf.algorithms import ppo as F
 from rlhf.errors import ConfigError, UserError
-from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm
+from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm, lower_matmul_weights
 from rlhf.models.lora import reference_policy
 from rlhf.models.reward import check_reward_model, load_reward_model, reward_scores, token_values
 from rlhf.models.sampling import backbone_hidden, response_logits, sample
@@ -330,6 +330,14 @@ class PPOModule(pl.LightningModule):
             if isinstance(lg, TensorBoardLogger):
                 lg.experiment.add_text("samples", table, step)
 
+    def on_fit_start(self):
+        # Under bf16-mixed the frozen models' matmuls run in bf16 anyway: hold those weights in bf16
+        # once (same numbers, ~340 MB less for GPT-2 small). `finish` runs under the same autocast.
+        if self.trainer.precision == "bf16-mixed":
+            for frozen in (self.ref_policy, self.reward_model):
+                if frozen is not None:
+                    lower_matmul_weights(frozen)
+
     # ----- checkpoint state beyond the weights -----
     def on_save_checkpoint(self, checkpoint):
         # The frozen models are rebuilt from their exports when the module is constructed:
@@ -344,10 +352,11 @@ class PPOModule(pl.LightningModule):
         self.episodes = checkpoint.get("episodes", 0)
 
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
-        from rlhf.evaluation import compare_policies
+        from rlhf.evaluate import compare_policies
 
         out = export_hf(self.policy, self.tokenizer, Path(stage_dir) / "model")
         if self.cfg.value_model == "separate":
             export_hf(self.value_model, self.tokenizer, Path(stage_dir) / "value_model")
-        result = compare_policies(self, dm, self.cfg.eval_prompts)
+        with self.trainer.precision_plugin.forward_context():  # the precision training ran in
+            result = compare_policies(self, dm, self.cfg.eval_prompts)
         return {**result, "model_dir": str(out), "metrics_csv": str(Path(stage_dir) / "metrics.csv")}
