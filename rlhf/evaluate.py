@@ -141,6 +141,74 @@ def rollout(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return out
 
 
+# ----- inside training: the comparison at the end of the PPO stage -----
+
+def _rollout_batch(module, policy, batch) -> dict:
+    """`rollout` on one datamodule batch, with the PPO module's settings, reward model and reference."""
+    import torch
+
+    from rlhf.algorithms import ppo as F
+    from rlhf.models.lora import reference_policy
+    from rlhf.models.sampling import response_logits, sample
+
+    c = module.cfg
+    q, qm = batch["input_ids"].to(module.device), batch["attention_mask"].to(module.device)
+    with torch.no_grad():
+        resp, logits = sample(policy, q, qm, c.response_length, c.temperature, module.tokenizer.pad_token_id,
+                              module.stop_id)
+        resp, rmask, _ = F.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
+        logp = F.logprobs_from_logits(logits, resp, c.temperature)
+        ids, mask = torch.cat([q, resp], 1), torch.cat([qm, rmask.long()], 1)
+        with reference_policy(module.policy, module.ref_policy) as ref_policy:
+            ref = F.logprobs_from_logits(response_logits(ref_policy, ids, mask, q.shape[1]), resp, c.temperature)
+        scores = module.score(q, qm, resp, rmask, batch["prompt"])
+    return {"scores": scores.tolist(), "kl": ((logp - ref) * rmask).sum(1).tolist(),
+            "texts": [module.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)],
+            "prompts": list(batch["prompt"]), "length": rmask.sum(1).float().tolist()}
+
+
+def _collect(module, policy, loader, n: int) -> dict:
+    out: dict = {}
+    for batch in loader:
+        for k, v in _rollout_batch(module, policy, batch).items():
+            out.setdefault(k, []).extend(v)
+        if len(out["texts"]) >= n:
+            break
+    return {k: v[:n] for k, v in out.items()}
+
+
+def compare_policies(module, dm, n: int) -> dict:
+    """The PPO policy against its starting policy on `n` validation prompts, at the end of the stage.
+
+    The same measures as `evaluate_run` (reward, win rate, k1 KL from the sampler's log-probs, gold,
+    length), computed from the live PPO module and its datamodule instead of a run's exports.
+    """
+    import torch
+
+    from rlhf.models.lora import reference_policy
+
+    was_training = module.policy.training
+    module.policy.eval()
+    loader = dm.val_dataloader()
+    torch.manual_seed(1234)
+    with reference_policy(module.policy, module.ref_policy) as ref_policy:
+        before = _collect(module, ref_policy, loader, n)
+    torch.manual_seed(1234)
+    after = _collect(module, module.policy, loader, n)
+    module.policy.train(was_training)
+    result = {"eval_prompts": len(after["texts"]),
+              "reward_before": mean(before["scores"]), "reward_after": mean(after["scores"]),
+              "rm_win_rate": win_rate(after["scores"], before["scores"]), "kl_final": mean(after["kl"]),
+              "response_length_before": mean(before["length"]), "response_length_after": mean(after["length"])}
+    if module.gold is not None:
+        g0 = [module.gold(p, t) for p, t in zip(before["prompts"], before["texts"])]
+        g1 = [module.gold(p, t) for p, t in zip(after["prompts"], after["texts"])]
+        result.update(gold_reward_before=mean(g0), gold_reward_after=mean(g1), gold_win_rate=win_rate(g1, g0))
+    result["samples"] = [{"prompt": p[-200:], "sft": b, "ppo": a}
+                         for p, b, a in list(zip(after["prompts"], before["texts"], after["texts"]))[:N_SAMPLES]]
+    return result
+
+
 # ----- a run -----
 
 def _cfg_get(config, *keys, default=None):
