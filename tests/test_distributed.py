@@ -3,6 +3,7 @@ exact resume of PPO (weights equal to an uninterrupted run), and bf16-mixed on C
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -145,11 +146,19 @@ def test_bf16_mixed_runs_every_stage_on_cpu(tmp_path):
     run = tmp_path / "run"
     summary = train(compose_train(run, "debug=fast", "trainer.precision=bf16-mixed", "algo.max_steps=2"))
     assert set(summary["stages"]) == {"sft", "rm", "ppo"}
+    assert math.isfinite(summary["stages"]["ppo"]["kl_final"])  # the end-of-PPO evaluation ran under autocast
     assert 0 < summary["stages"]["sft"]["sft_val_loss"] < 20
     for stage in ("sft", "rm", "ppo"):
         df = pd.read_csv(run / stage / "metrics.csv")
         numeric = df.drop(columns=["timestamp"]).select_dtypes("number")
         assert len(df) > 0 and numeric.notna().all().all() and (numeric.abs() < 1e6).all().all(), stage
+
+
+def test_bf16_mixed_clips_gradients_of_the_fused_optimizer(tmp_path):
+    # Lightning alone refuses to clip a fused AdamW under an AMP plugin (rlhf/stages/common.py).
+    summary = train(compose_train(tmp_path / "run", "debug=fast", "stage=sft", "trainer.precision=bf16-mixed",
+                                  "trainer.gradient_clip_val=0.5"))
+    assert 0 < summary["stages"]["sft"]["sft_val_loss"] < 20
 
 
 # ----------------------------------------------------------------------------- fault guards

@@ -1,0 +1,133 @@
+"""What makes the loop fast (measured by `python -m rlhf.bench`) must keep it the same computation:
+the one-kernel GELU is GPT-2's function, the fused optimizer still clips under bf16, the cached
+autocast in generation changes no number and leaves no stale weights behind, and the allocator
+setting really reuses memory."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import NewGELUActivation
+
+from rlhf.models.causal_lm import ModelConfig, fast_gelu, load_causal_lm, lower_matmul_weights
+from rlhf.models.sampling import _sample, sample
+from rlhf.stages.common import adamw, clip_gradients
+
+ARCH = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64}
+
+
+def test_fast_gelu_is_gpt2s_gelu_and_keeps_the_saved_config(tmp_path):
+    torch.manual_seed(0)
+    ref = GPT2LMHeadModel(GPT2Config(vocab_size=100, **ARCH)).eval()
+    fast = fast_gelu(GPT2LMHeadModel(GPT2Config(vocab_size=100, **ARCH)).eval())
+    fast.load_state_dict(ref.state_dict())
+    assert not any(isinstance(m, NewGELUActivation) for m in fast.modules())
+    assert any(isinstance(m, NewGELUActivation) for m in ref.modules())
+    ids = torch.randint(0, 100, (3, 20))
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, ref(ids).logits, atol=1e-5)
+    fast.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["activation_function"] == "gelu_new"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks sdpa where CUDA is available")
+def test_models_load_with_eager_attention_on_cpu():
+    assert ModelConfig().attention == "eager"
+    assert ModelConfig(attn_implementation="sdpa").attention == "sdpa"
+    model = load_causal_lm(ModelConfig(arch=ARCH))
+    assert model.config._attn_implementation == "eager"
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+
+
+def _module(precision: str):
+    plugin = MixedPrecision(precision, "cpu") if precision.endswith("mixed") else Precision()
+    trainer = SimpleNamespace(precision=precision, precision_plugin=plugin)
+    return SimpleNamespace(trainer=trainer, clip_gradients=None)
+
+
+def test_adamw_is_fused_except_under_fp16_loss_scaling():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert adamw(params, _module("32-true").trainer, lr=1e-3).defaults["fused"]
+    assert adamw(params, _module("bf16-mixed").trainer, lr=1e-3).defaults["fused"]
+    opt = adamw(params, SimpleNamespace(precision="16-mixed"), lr=1e-3)
+    assert not opt.defaults["fused"] and opt.defaults["foreach"]
+    frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+    assert len(adamw([*params, frozen], _module("32-true").trainer, lr=1e-3).param_groups[0]["params"]) == 1
+
+
+def test_fused_adamw_gradients_are_clipped_under_bf16_mixed():
+    # Lightning's own clip_gradients raises here (fused + AMP plugin); ours clips by torch.
+    module = _module("bf16-mixed")
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = adamw([w], module.trainer, lr=1e-3)
+    w.grad = torch.full((4,), 10.0)  # norm 20
+    clip_gradients(module, opt, 1.0)
+    assert w.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
+    w.grad = torch.full((4,), 10.0)
+    clip_gradients(module, opt, 0.5, "value")
+    assert torch.equal(w.grad, torch.full((4,), 0.5))
+
+
+def test_generation_autocast_cache_changes_nothing_and_is_emptied():
+    torch.manual_seed(0)
+    policy = GPT2LMHeadModel(GPT2Config(vocab_size=100, **ARCH)).eval()
+    q = torch.randint(0, 100, (2, 6))
+    qm = torch.ones_like(q)
+    cached = lambda: sample(policy, q, qm, 5, 1.0, 0, generator=torch.Generator().manual_seed(1))  # noqa: E731
+    fresh = lambda: _sample(policy, q, qm, 5, 1.0, 0, None, torch.Generator().manual_seed(1))  # noqa: E731
+    # Lightning's bf16-mixed: one outer autocast, without the cast cache, around the whole update.
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        (tok, logits), (tok0, logits0) = cached(), fresh()
+        assert torch.equal(tok, tok0) and torch.equal(logits, logits0)
+        with torch.no_grad():  # an optimizer step between rollouts: the next rollout must see it
+            for p in policy.parameters():
+                p.mul_(1.5)
+        _, logits2 = cached()
+        assert torch.equal(logits2, fresh()[1]) and not torch.equal(logits2, logits)
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+from rlhf.memory import keep_freed_memory
+if sys.argv[1] == "on":
+    assert keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(12):  # 64 MiB, allocated and freed: the heap settles into reusable blocks
+    torch.zeros(64 * 2**20 // 4)
+before = faults()
+for _ in range(5):
+    torch.zeros(64 * 2**20 // 4)
+print((faults() - before) / 5)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
+    def faults(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout.split()[-1])
+
+    pages = 64 * 2**20 / 4096
+    assert faults("off") > 0.5 * pages  # every new 64 MiB tensor is page-faulted in again
+    assert faults("on") < 0.05 * pages  # freed memory is reused (once the heap has settled)
+
+
+def test_frozen_models_bf16_matmul_weights_compute_the_same_under_autocast():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, **ARCH)).eval()
+    ids = torch.randint(0, 100, (3, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(ids).logits
+        lower_matmul_weights(model)
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert model.transformer.wte.weight.dtype == torch.float32  # also the tied LM head
+    assert model.transformer.h[0].ln_1.weight.dtype == torch.float32
