@@ -189,6 +189,10 @@ class PPOModule(pl.LightningModule):
             self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + now - self._last_tick
         self._last_tick = now
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        check_finite(self, "PPO", loss=loss.detach())  # before any gradient reaches the optimizer
+        self.manual_backward(loss)
+
     def _values(self, ids, mask, context_length, hidden=None):
         if self.cfg.value_model == "separate":
             return token_values(self.value_model, ids, mask)[:, context_length - 1 : -1]
@@ -259,12 +263,16 @@ class PPOModule(pl.LightningModule):
                 h = backbone_hidden(self.policy, ids[mb], mask[mb])
                 new_logits = response_logits(self.policy, ids[mb], mask[mb], Q, hidden=h)
                 new_logprobs = F.logprobs_from_logits(new_logits, responses[mb], c.temperature)
-                vpred = self._values(ids[mb], mask[mb], Q, h)
                 pg_loss, pg = F.policy_loss(new_logprobs, logprobs[mb], advantages[mb], resp_mask[mb], c.cliprange)
+                # The models share no weight, so two backward passes give the same gradients as one, and the
+                # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
+                # small peaks ~300 MB lower. DDP's gradient reducer wants one backward per step.
+                separate = c.value_model == "separate" and self.trainer.world_size == 1
+                if separate:
+                    self._backward(pg_loss)
+                vpred = self._values(ids[mb], mask[mb], Q, h)
                 vf_loss, vf = F.value_loss(vpred, values[mb], returns[mb], resp_mask[mb], c.cliprange_value)
-                loss = pg_loss + c.vf_coef * vf_loss
-                check_finite(self, "PPO", loss=loss.detach())
-                self.manual_backward(loss)
+                self._backward(c.vf_coef * vf_loss if separate else pg_loss + c.vf_coef * vf_loss)
                 if c.max_grad_norm:
                     clip_gradients(self, opt, c.max_grad_norm)
                 opt.step()
