@@ -13,7 +13,7 @@ import pytest
 from rlhf.bench.common import Shape, body_params, ppo_flops_per_episode, rm_flops_per_pair
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "50257", "--batch", "4", "--episodes", "8",
+TINY = ["--preset", "small", "--precision", "fp32", "--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "50257", "--batch", "4", "--episodes", "8",
         "--warmup", "1", "--response-length", "4", "--rounds", "1"]
 
 

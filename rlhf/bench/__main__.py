@@ -1,9 +1,9 @@
 """Time the project's PPO loop and reward-model training, optionally against TRL on the same work.
 
-    python -m rlhf.bench                                  # 4 layers x 256, vocab 50257, batch 16
-    python -m rlhf.bench --preset gpt2 --kind ppo         # GPT-2-small shape, batch 8
-    python -m rlhf.bench --vs-trl --precision bf16        # + TRL (pip install -e '.[bench]')
-    python -m rlhf.bench --layers 1 --dim 32 --heads 2 --batch 4 --episodes 8 --warmup 1 --response-length 4
+    python -m rlhf.bench                  # PPO + RM on 4 layers x 256 (batch 16), PPO on GPT-2 small (batch 8); bf16
+    python -m rlhf.bench --vs-trl         # + TRL on the same work (pip install -e '.[bench]')
+    python -m rlhf.bench --preset small --kind rm --precision fp32
+    python -m rlhf.bench --preset small --layers 1 --dim 32 --heads 2 --batch 4 --episodes 8 --warmup 1
 
 Prints one JSON line per measurement on stdout (progress goes to stderr):
   {"kind": "ppo"|"rm", "impl": "ours"|"trl", "shape", "episodes_per_s"|"pairs_per_s", "seconds"
@@ -36,9 +36,9 @@ from pathlib import Path
 from rlhf.bench.common import (SEED, Shape, build_models, make_data, matmul_peak_tflops, ppo_flops_per_episode,
                                rm_flops_per_pair, set_threads, shape_dict)
 
-PRESETS = {
-    "small": dict(layers=4, dim=256, heads=4, vocab=50257, batch=16),
-    "gpt2": dict(layers=12, dim=768, heads=12, vocab=50257, batch=8),
+PRESETS = {  # shape, then what runs on it by default (--kind and --episodes override)
+    "small": (dict(layers=4, dim=256, heads=4, vocab=50257, batch=16), dict(kinds="ppo,rm", episodes=64)),
+    "gpt2": (dict(layers=12, dim=768, heads=12, vocab=50257, batch=8), dict(kinds="ppo", episodes=32)),
 }
 SHAPE_FLAGS = ("layers", "dim", "heads", "vocab", "batch", "prompt_length", "response_length", "ppo_epochs",
                "mini_batches", "rm_response_length")
@@ -46,16 +46,21 @@ SHAPE_FLAGS = ("layers", "dim", "heads", "vocab", "batch", "prompt_length", "res
 
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m rlhf.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", default="ppo,rm", help="comma list of ppo, rm")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="shape defaults (flags override)")
+    ap.add_argument("--kind", default=None, help="comma list of ppo, rm (default: small: ppo,rm; gpt2: ppo)")
+    ap.add_argument("--preset", default="small,gpt2",
+                    help="comma list of " + ", ".join(PRESETS) + ": shapes, run one after the other (flags override)")
     for f in SHAPE_FLAGS:
         ap.add_argument("--" + f.replace("_", "-"), type=int, default=None)
-    ap.add_argument("--episodes", type=int, default=64, help="timed PPO episodes (rounded up to whole batches)")
+    ap.add_argument("--episodes", type=int, default=None,
+                    help="timed PPO episodes, rounded up to whole batches (default: small 64, gpt2 32)")
     ap.add_argument("--pairs", type=int, default=256, help="timed RM pairs (rounded up to whole batches)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed updates first")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="ours")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="bf16", help="ours (bf16: Lightning's bf16-mixed)")
     ap.add_argument("--trl-precision", choices=("best", "same", "fp32", "bf16"), default="best",
                     help="best: run TRL in fp32 and in bf16 and compare against the faster")
+    ap.add_argument("--trl-kernels", choices=("trl", "ours"), default="trl",
+                    help="trl: TRL's models as transformers loads them; ours: with our attention kernel, GELU and "
+                         "allocator setting too, so the ratio measures the loops alone")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each side is reported")
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's PPOTrainer / RewardTrainer")
@@ -64,16 +69,22 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     a = ap.parse_args(argv)
-    a.kinds = [k.strip() for k in a.kind.split(",") if k.strip()]
-    if not a.kinds or set(a.kinds) - {"ppo", "rm"}:
-        ap.error(f"--kind {a.kind!r}: expected a comma list of ppo, rm")
-    vals = {**PRESETS[a.preset], **{f: getattr(a, f) for f in SHAPE_FLAGS if getattr(a, f) is not None}}
-    a.shape = replace(Shape(), **vals)
-    if a.shape.batch % a.shape.mini_batches:
-        ap.error(f"--batch {a.shape.batch} is not divisible by --mini-batches {a.shape.mini_batches}")
-    if a.shape.dim % a.shape.heads:
-        ap.error(f"--dim {a.shape.dim} is not divisible by --heads {a.shape.heads}")
-    if min(a.episodes, a.pairs, a.rounds, a.threads) <= 0 or a.warmup < 0:
+    names = [n.strip() for n in a.preset.split(",") if n.strip()]
+    if not names or set(names) - set(PRESETS):
+        ap.error(f"--preset {a.preset!r}: expected a comma list of {', '.join(PRESETS)}")
+    a.plans = []  # (shape, kinds, episodes) per preset
+    for name in names:
+        shape, defaults = PRESETS[name]
+        kinds = [k.strip() for k in (a.kind or defaults["kinds"]).split(",") if k.strip()]
+        if not kinds or set(kinds) - {"ppo", "rm"}:
+            ap.error(f"--kind {a.kind!r}: expected a comma list of ppo, rm")
+        s = replace(Shape(), **{**shape, **{f: getattr(a, f) for f in SHAPE_FLAGS if getattr(a, f) is not None}})
+        if s.batch % s.mini_batches:
+            ap.error(f"--batch {s.batch} is not divisible by --mini-batches {s.mini_batches}")
+        if s.dim % s.heads:
+            ap.error(f"--dim {s.dim} is not divisible by --heads {s.heads}")
+        a.plans.append((s, kinds, a.episodes or defaults["episodes"]))
+    if min(a.pairs, a.rounds, a.threads) <= 0 or (a.episodes is not None and a.episodes <= 0) or a.warmup < 0:
         ap.error("--episodes, --pairs, --rounds and --threads must be > 0, --warmup >= 0")
     if a.vs_trl and importlib.util.find_spec("trl") is None:
         ap.error("--vs-trl needs TRL: pip install -e '.[bench]'")
@@ -100,12 +111,12 @@ def run_side(impl: str, job: dict, a, tmp: Path) -> dict:
     return json.loads(out.read_text())
 
 
-def summarise(kind: str, impl: str, runs: list[dict], a, flops_per_item: float, peaks: dict) -> dict:
+def summarise(kind: str, impl: str, runs: list[dict], s: Shape, flops_per_item: float, peaks: dict) -> dict:
     best = max(runs, key=lambda r: r["items_per_s"])
     unit = "episodes_per_s" if kind == "ppo" else "pairs_per_s"
     peak = peaks[best["precision"]]
     rate = best["items_per_s"]
-    return {"kind": kind, "impl": impl, "shape": a.shape.id(kind), unit: round(rate, 4),
+    return {"kind": kind, "impl": impl, "shape": s.id(kind), unit: round(rate, 4),
             "seconds": {k: round(v, 3) for k, v in best["seconds"].items()},
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
             "baseline_rss_mb": round(best.get("baseline_rss_mb", 0.0), 1), "threads": best["threads"],
@@ -124,28 +135,35 @@ def compare(kind: str, ours: dict, trls: dict) -> dict:
             "ratio": round(ours[unit] / trl[unit], 3), "ours_peak_rss_mb": ours["peak_rss_mb"],
             "trl_peak_rss_mb": trl["peak_rss_mb"], "mfu": ours["mfu"], "trl_mfu": trl["mfu"],
             "precision": ours["precision"], "trl_precision": trl["precision"],
-            "trl_by_precision": {p: r[unit] for p, r in trls.items()}, "unit": unit, "threads": ours["threads"],
+            "trl_by_precision": {p: r[unit] for p, r in trls.items()}, "trl_kernels": trl["config"].get("kernels"),
+            "unit": unit, "threads": ours["threads"],
             "statistic": ours["statistic"]}
 
 
 def main(argv=None) -> int:
     a = parse(argv)
     set_threads(a.threads)
-    s = a.shape
-    updates = {"ppo": math.ceil(a.episodes / s.batch), "rm": math.ceil(a.pairs / s.batch)}
+    for shape, kinds, episodes in a.plans:
+        run_shape(a, shape, kinds, episodes)
+    return 0
+
+
+def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
+    """Every measurement on one shape: models and data built once, then each kind's alternating rounds."""
+    updates = {"ppo": math.ceil(episodes / s.batch), "rm": math.ceil(a.pairs / s.batch)}
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as d:
         tmp = Path(d)
         log(f"building models and data for {s.id('ppo')}")
         dirs = build_models(s, tmp, a.seed)
         total = {k: s.batch * (a.warmup + u) for k, u in updates.items()}
-        data = make_data(s, total["ppo"] if "ppo" in a.kinds else 0, total["rm"] if "rm" in a.kinds else 0, a.seed)
+        data = make_data(s, total["ppo"] if "ppo" in kinds else 0, total["rm"] if "rm" in kinds else 0, a.seed)
         (tmp / "data.json").write_text(json.dumps(data))
         precisions = {a.precision} | (set(a.trl_precisions) if a.vs_trl else set())
         peaks = {}
         for p in sorted(precisions):
             peaks[p] = matmul_peak_tflops(p)
             log(f"matmul peak {p}: {peaks[p]:.3f} TFLOP/s on {a.threads} threads")
-        for kind in a.kinds:
+        for kind in kinds:
             if kind == "ppo":
                 flops = ppo_flops_per_episode(s)
             else:
@@ -153,7 +171,8 @@ def main(argv=None) -> int:
                 flops = rm_flops_per_pair(s, mean_tokens)
             base = {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
                     "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates[kind],
-                    "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr}
+                    "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr,
+                    "kernels": a.trl_kernels}
             sides = [("ours", a.precision)] + ([("trl", p) for p in a.trl_precisions] if a.vs_trl else [])
             runs: dict = {side: [] for side in sides}
             for r in range(a.rounds):
@@ -162,7 +181,7 @@ def main(argv=None) -> int:
                     runs[(impl, prec)].append(run_side(impl, {**base, "precision": prec}, a, tmp))
             for p in peaks:  # the peak again after the runs: the better of the two, in case of load
                 peaks[p] = max(peaks[p], matmul_peak_tflops(p))
-            lines = {side: summarise(kind, side[0], rs, a, flops, peaks) for side, rs in runs.items()}
+            lines = {side: summarise(kind, side[0], rs, s, flops, peaks) for side, rs in runs.items()}
             if any(line["mfu"] > 1 for line in lines.values()):
                 log("MFU > 1: the matmul peak was measured while the machine was busy; rerun on a quiet machine")
             for line in lines.values():
@@ -170,7 +189,6 @@ def main(argv=None) -> int:
             if a.vs_trl:
                 trls = {p: line for (impl, p), line in lines.items() if impl == "trl"}
                 print(json.dumps(compare(kind, lines[("ours", a.precision)], trls)), flush=True)
-    return 0
 
 
 if __name__ == "__main__":

@@ -104,6 +104,16 @@ def _phase_probes(mod, phases: dict):
     return wrap_optimizer, close_update
 
 
+def _load(cls, path: str, a: dict, **kw):
+    """A model as a TRL user loads it or, with `--trl-kernels ours`, with our loader's attention kernel and
+    one-kernel GELU (rlhf/models/causal_lm.py), so that the ratio measures the loops alone."""
+    if a.get("kernels") != "ours":
+        return cls.from_pretrained(path, **kw)
+    from rlhf.models.causal_lm import ModelConfig, fast_gelu
+
+    return fast_gelu(cls.from_pretrained(path, attn_implementation=ModelConfig().attention, **kw))
+
+
 def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -129,10 +139,10 @@ def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
         logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
         sft_model_path=a["policy"], reward_model_path=a["rm"], dataloader_num_workers=0)
-    policy = AutoModelForCausalLM.from_pretrained(a["policy"])
-    ref = AutoModelForCausalLM.from_pretrained(a["policy"])
-    reward = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
-    value = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
+    policy = _load(AutoModelForCausalLM, a["policy"], a)
+    ref = _load(AutoModelForCausalLM, a["policy"], a)
+    reward = _load(AutoModelForSequenceClassification, a["rm"], a, num_labels=1)
+    value = _load(AutoModelForSequenceClassification, a["rm"], a, num_labels=1)
     phases = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
     wrap_optimizer, close_update = _phase_probes(mod, phases)
     window = Window(a["warmup"])
@@ -175,7 +185,7 @@ def run_rm(a: dict, s, data: dict, out_dir: str) -> dict:
         report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
         max_length=None, center_rewards_coefficient=None, dataloader_num_workers=0)
-    model = AutoModelForSequenceClassification.from_pretrained(a["rm"], num_labels=1)
+    model = _load(AutoModelForSequenceClassification, a["rm"], a, num_labels=1)
     window = Window(a["warmup"])
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
                             callbacks=[_callback(window)])
@@ -195,6 +205,10 @@ def main() -> None:
     if a["precision"] == "bf16":
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # see the module docstring
     set_threads(a["threads"])
+    if a.get("kernels") == "ours":
+        from rlhf.memory import keep_freed_memory
+
+        keep_freed_memory()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trl = _import_trl()
@@ -213,6 +227,7 @@ def main() -> None:
         res = (run_ppo if a["kind"] == "ppo" else run_rm)(a, s, data, out_dir)
     res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_rss, threads=torch.get_num_threads(), precision=a["precision"],
                trl_version=trl.__version__)
+    res["config"]["kernels"] = a.get("kernels", "trl")
     write_result(a["out"], res)
 
 
