@@ -14,10 +14,12 @@ REFERENCE = ["step", "policy_loss", "value_loss", "kl_divergence", "reward_score
 
 
 @pytest.mark.slow
-def test_default_run_learns(tmp_path):
+@pytest.mark.parametrize("precision", [None, "bf16-mixed"])  # bf16-mixed: what `python -m rlhf.bench` times
+def test_default_run_learns(tmp_path, precision):
     run = tmp_path / "run"
+    extra = [f"trainer.precision={precision}"] if precision else []
     proc = subprocess.run([sys.executable, "train.py", f"paths.output_dir={run}",
-                           "callbacks.progress_bar.refresh_rate=0"],
+                           "callbacks.progress_bar.refresh_rate=0", *extra],
                           cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run) in proc.stdout  # tells the user where the outputs are
