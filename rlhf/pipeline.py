@@ -58,6 +58,9 @@ def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool 
     steps = cfg.trainer.get("max_steps")
     if steps is not None and steps <= 0:
         raise ConfigError(f"trainer.max_steps must be > 0, got {steps}")
+    if "ppo" in stages and cfg.trainer.get("gradient_clip_val"):
+        raise ConfigError("trainer.gradient_clip_val: the PPO stage steps its optimizer itself, where Lightning "
+                          "clips nothing; use algo.max_grad_norm for PPO, or run stage=sft / stage=rm alone")
     confs = {}
     for s in stages:
         cls, conf = stage_config(cfg, s)

@@ -71,6 +71,7 @@ BAD_VALUES = [
     (["algo.response_length=0"], r"algo: .*\bresponse_length\b"),
     (["algo.kl_coef=-0.1"], r"algo: .*\bkl_coef\b"),
     (["stage=ppo", "algo.reward_model_path=/nonexistent"], r"algo\.reward_model_path.*/nonexistent"),
+    (["trainer.gradient_clip_val=1.0"], r"trainer\.gradient_clip_val.*algo\.max_grad_norm"),
 ]
 
 
