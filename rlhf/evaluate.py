@@ -149,7 +149,7 @@ def _rollout_batch(module, policy, batch) -> dict:
 
     from rlhf.algorithms import ppo as F
     from rlhf.models.lora import reference_policy
-    from rlhf.models.sampling import response_logits, sample
+    from rlhf.models.sampling import sample
 
     c = module.cfg
     q, qm = batch["input_ids"].to(module.device), batch["attention_mask"].to(module.device)
@@ -157,12 +157,11 @@ def _rollout_batch(module, policy, batch) -> dict:
         resp, logits = sample(policy, q, qm, c.response_length, c.temperature, module.tokenizer.pad_token_id,
                               module.stop_id)
         resp, rmask, _ = F.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
-        logp = F.logprobs_from_logits(logits, resp, c.temperature)
-        ids, mask = torch.cat([q, resp], 1), torch.cat([qm, rmask.long()], 1)
+        logp = (F.logprobs_from_logits(logits, resp, c.temperature) * rmask).sum(1)  # the sampler's own logits
         with reference_policy(module.policy, module.ref_policy) as ref_policy:
-            ref = F.logprobs_from_logits(response_logits(ref_policy, ids, mask, q.shape[1]), resp, c.temperature)
+            ref = sequence_logprobs(ref_policy, q, qm, resp, rmask, c.temperature)
         scores = module.score(q, qm, resp, rmask, batch["prompt"])
-    return {"scores": scores.tolist(), "kl": ((logp - ref) * rmask).sum(1).tolist(),
+    return {"scores": scores.tolist(), "kl": (logp - ref).tolist(),
             "texts": [module.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)],
             "prompts": list(batch["prompt"]), "length": rmask.sum(1).float().tolist()}
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from rlhf.algorithms.ppo import truncate_after_stop
 from rlhf.errors import UserError
-from rlhf.models.causal_lm import disable_dropout, fast_gelu, freeze
+from rlhf.models.causal_lm import freeze, prepare
 from rlhf.models.reward import reward_scores
 from rlhf.models.sampling import sample
 from rlhf.models.tokenizer import load_tokenizer
@@ -49,7 +49,7 @@ class RunArtifacts:
 
     def _causal_lm(self, path: Path):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=self.trust_remote_code)
-        return freeze(fast_gelu(disable_dropout(model))).to(self.device)
+        return freeze(prepare(model)).to(self.device)
 
     @cached_property
     def tokenizer(self):
@@ -70,7 +70,7 @@ class RunArtifacts:
         if self.reward_dir is None:
             return None
         model = AutoModelForSequenceClassification.from_pretrained(self.reward_dir, trust_remote_code=self.trust_remote_code)
-        return freeze(fast_gelu(disable_dropout(model))).to(self.device)
+        return freeze(prepare(model)).to(self.device)
 
     @cached_property
     def reward_tokenizer(self):

@@ -75,6 +75,11 @@ def fast_gelu(model: nn.Module) -> nn.Module:
     return model
 
 
+def prepare(model: nn.Module) -> nn.Module:
+    """What every model the project trains, scores with or serves gets: dropout off, one-kernel GELU."""
+    return fast_gelu(disable_dropout(model))
+
+
 def from_pretrained(cls, path: str, what: str, **kwargs):
     """`cls.from_pretrained` with a one-line error instead of a hub traceback when offline."""
     try:
@@ -98,7 +103,7 @@ def load_causal_lm(cfg: ModelConfig, init_from: str | None = None, vocab_size: i
         arch = {"vocab_size": vocab_size, "n_positions": 256, **cfg.arch}
         arch.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=cfg.attention)
         model = GPT2LMHeadModel(GPT2Config(**arch))
-    model = fast_gelu(disable_dropout(model.float()))
+    model = prepare(model.float())
     return add_lora(model, cfg.lora) if cfg.lora else model
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
-from rlhf.models.causal_lm import ModelConfig, disable_dropout, fast_gelu, from_pretrained
+from rlhf.models.causal_lm import ModelConfig, from_pretrained, prepare
 from rlhf.models.lora import add_lora
 
 
@@ -28,7 +28,7 @@ def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_
         model = GPT2ForSequenceClassification(GPT2Config(**arch))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    model = fast_gelu(disable_dropout(model.float()))
+    model = prepare(model.float())
     # With LoRA the scalar head still trains in full: it is new (from an SFT export) or tiny.
     return add_lora(model, cfg.lora, modules_to_save=["score"]) if cfg.lora else model
 
