@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
+from rlhf.data.pairs import prompt_overlap
 from rlhf.errors import ConfigError, UserError
 from rlhf.model_card import write_model_card
 from rlhf.memory import keep_freed_memory
@@ -210,9 +211,14 @@ def train(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)  # the same dict, for the model cards
     source = instantiate(cfg.data)
     splits = source.load()  # reads and validates every data file before any model exists
+    overlap = prompt_overlap(splits)
+    if overlap["eval_prompts_in_train"]:  # every source splits by prompt; a custom one might not
+        log.warning("%d of %d validation prompts also occur among the training prompts: evaluation "
+                    "measures recall, not generalisation", overlap["eval_prompts_in_train"],
+                    overlap["distinct_eval_prompts"])
     tokenizer = load_tokenizer(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     summary: dict = {"run_dir": str(run_dir), "stages": {}, "model": cfg.model.name,
-                     "data": cfg.data._target_.rsplit(".", 1)[-1], "seed": cfg.seed}
+                     "data": cfg.data._target_.rsplit(".", 1)[-1], "seed": cfg.seed, **overlap}
     if resuming and (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
     artifacts: dict = {}

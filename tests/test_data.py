@@ -291,3 +291,67 @@ def test_datamodule_rejects_bad_arguments(tok):
         PreferenceDataModule(splits, tok, "ppo", 4)
     with pytest.raises(ValueError, match="batch_size"):
         PreferenceDataModule(splits, tok, "sft", 0)
+
+
+# --------------------------------------------------------------------------- held-out prompts
+
+def _pairs_with_repeated_prompts(n_prompts: int = 30, per_prompt: int = 4) -> list[PreferencePair]:
+    return [PreferencePair(f"\n\nHuman: question {i}?\n\nAssistant:", f" good {i}.{j}", f" bad {i}.{j}")
+            for i in range(n_prompts) for j in range(per_prompt)]
+
+
+def test_split_train_val_keeps_every_prompt_on_one_side():
+    from rlhf.data import prompt_overlap, split_train_val
+
+    pairs = _pairs_with_repeated_prompts()
+    train, val = split_train_val(pairs, 0.2, seed=3)
+    assert sorted(train + val, key=repr) == sorted(pairs, key=repr)  # nothing lost or duplicated
+    assert {p.prompt for p in train}.isdisjoint({p.prompt for p in val})
+    assert len(val) == 24  # 6 whole prompts of 4 pairs: round(120 * 0.2)
+    stats = prompt_overlap(PreferenceSplits(train=train, val=val))
+    assert stats == {"distinct_train_prompts": 24, "distinct_eval_prompts": 6, "eval_prompts_in_train": 0}
+    assert split_train_val(pairs, 0.2, seed=3) == (train, val)  # seeded
+    # Two prompts, tiny file: one each side; one prompt: it stays in train.
+    two = _pairs_with_repeated_prompts(2, 3)
+    t2, v2 = split_train_val(two, 0.05, seed=0)
+    assert len({p.prompt for p in t2}) == 1 and len({p.prompt for p in v2}) == 1
+    t1, v1 = split_train_val(_pairs_with_repeated_prompts(1, 5), 0.5, seed=0)
+    assert len(t1) == 5 and v1 == []
+
+
+def test_hh_local_file_with_repeated_prompts_holds_prompts_out(tmp_path):
+    path = tmp_path / "hh.jsonl"
+    rows = [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in _pairs_with_repeated_prompts()]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    splits = HHRLHF(data_files=str(path), val_fraction=0.1, seed=0).load()
+    assert splits.val and {p.prompt for p in splits.train}.isdisjoint({p.prompt for p in splits.val})
+
+
+def test_hh_hub_test_split_drops_prompts_seen_in_train(monkeypatch):
+    train_pairs = _pairs_with_repeated_prompts(10, 2)
+    test_pairs = _pairs_with_repeated_prompts(14, 1)  # prompts 0..9 repeat train's, 10..13 are new
+
+    def fake_split(self, split):
+        pairs = train_pairs if split == "train" else test_pairs
+        return [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in pairs]
+
+    monkeypatch.setattr(HHRLHF, "_hub_split", fake_split)
+    splits = HHRLHF().load()
+    assert len(splits.train) == 20
+    assert sorted(p.prompt for p in splits.val) == sorted(f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(10, 14))
+
+
+def test_synthetic_validation_prompts_are_unseen_phrasings():
+    from rlhf.data import prompt_overlap
+
+    splits = SyntheticPreferences(n_pairs=4000, seed=42, val_fraction=0.1).load()
+    assert (len(splits.train), len(splits.val)) == (3600, 400)
+    stats = prompt_overlap(splits)
+    assert stats["eval_prompts_in_train"] == 0 and stats["distinct_eval_prompts"] >= 50
+    held_out = [t.split("{}")[0] for t in synthetic.HELD_OUT_TEMPLATES]
+    train_text = "".join(p.prompt for p in splits.train)
+    assert not any(h in train_text for h in held_out)  # not even in an earlier turn
+    for p in splits.val:  # every validation turn asks in a held-out phrasing, about a known topic
+        last = p.prompt.rsplit("\n\nHuman: ", 1)[1]
+        assert any(last.startswith(h) for h in held_out), p.prompt
+        assert synthetic.prompt_topic(p.prompt) in synthetic.TOPICS

@@ -1,7 +1,8 @@
 """Preference data: HH-RLHF and synthetic sources, shared pair types, and the datamodule."""
 from rlhf.data.datamodule import PreferenceDataModule
 from rlhf.data.hh import HHRLHF, read_hh_file, split_hh
-from rlhf.data.pairs import DataError, PreferencePair, PreferenceSplits, split_train_val
+from rlhf.data.pairs import (DataError, PreferencePair, PreferenceSplits, drop_seen_prompts, prompt_overlap,
+                             split_train_val)
 from rlhf.data.synthetic import SyntheticPreferences, gold_reward, gold_reward_batch, prompt_topic
 
 __all__ = [
@@ -12,7 +13,9 @@ __all__ = [
     "PreferenceSplits",
     "SyntheticPreferences",
     "gold_reward",
+    "drop_seen_prompts",
     "gold_reward_batch",
+    "prompt_overlap",
     "prompt_topic",
     "read_hh_file",
     "split_hh",

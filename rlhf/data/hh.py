@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf.data.pairs import ASSISTANT, DataError, PreferencePair, PreferenceSplits, split_train_val
+from rlhf.data.pairs import ASSISTANT, DataError, PreferencePair, PreferenceSplits, drop_seen_prompts, split_train_val
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +112,10 @@ def _to_pairs(rows) -> tuple[list[PreferencePair], int]:
 class HHRLHF:
     """HH-RLHF source (the data config's `_target_`).
 
-    `data_files` set: read those local files, shuffle with `seed` and hold out `val_fraction`.
-    Otherwise `datasets.load_dataset(path)`: train from `split`, val from `val_split` (or
-    carved out of train by `val_fraction` when `val_split` is empty/None).
+    `data_files` set: read those local files and hold out `val_fraction` of the pairs, by prompt
+    (`split_train_val`: no validation prompt is a training prompt). Otherwise
+    `datasets.load_dataset(path)`: train from `split`, val from `val_split` less the pairs whose
+    prompt is also in train (or carved out of train by `val_fraction` when `val_split` is empty/None).
     `max_pairs` caps the train pairs (randomly chosen with `seed`); val is then capped to
     max(1, round(max_pairs * val_fraction)) so evaluation cost shrinks with it.
     """
@@ -164,6 +165,10 @@ class HHRLHF:
             # Shuffle so a max_pairs cap takes a random subset, not the file's first rows.
             train, _ = split_train_val(train, 0.0, self.seed)
             val, _ = split_train_val(val, 0.0, self.seed)
+            val, seen = drop_seen_prompts(val, train)
+            if seen:
+                log.info("%s (%s): %d pairs whose prompt is also in %r left out of validation",
+                         self.path, self.val_split, seen, self.split)
         else:
             train, val = split_train_val(train, self.val_fraction, self.seed)
         return train, val, dropped, self.path

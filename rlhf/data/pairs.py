@@ -38,15 +38,54 @@ class PreferenceSplits:
 def split_train_val(
     pairs: list[PreferencePair], val_fraction: float, seed: int
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Shuffle with `seed`, then hold out round(n * val_fraction) pairs (at least one when n >= 2).
+    """Hold out whole prompts: about round(n * val_fraction) pairs whose prompts never occur in train.
 
-    The floor of one keeps validation alive on tiny hand-made files, where 5% rounds to zero.
+    Pairs are grouped by prompt text, the prompts shuffled with `seed`, and prompts go to
+    validation until it holds round(n * val_fraction) pairs (at least one prompt when there are
+    two or more, so validation stays alive on tiny hand-made files), always leaving one prompt
+    for training. Splitting pairs instead of prompts lets a prompt with several pairs land on
+    both sides, and evaluation then measures recall of training prompts, not generalisation.
+    Both sides come back shuffled, so the first N validation pairs span many prompts.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    shuffled = list(pairs)
-    random.Random(seed).shuffle(shuffled)
-    n_val = int(round(len(shuffled) * val_fraction))
-    if val_fraction > 0 and n_val == 0 and len(shuffled) >= 2:
-        n_val = 1
-    return shuffled[n_val:], shuffled[:n_val]
+    rng = random.Random(seed)
+    groups: dict[str, list[PreferencePair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.prompt, []).append(pair)
+    prompts = list(groups)
+    rng.shuffle(prompts)
+    target = int(round(len(pairs) * val_fraction))
+    if val_fraction > 0 and target == 0 and len(prompts) >= 2:
+        target = 1
+    train: list[PreferencePair] = []
+    val: list[PreferencePair] = []
+    for i, prompt in enumerate(prompts):
+        last = i == len(prompts) - 1
+        (val if len(val) < target and not (last and not train) else train).extend(groups[prompt])
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return train, val
+
+
+def drop_seen_prompts(val: list[PreferencePair], train: list[PreferencePair]) -> tuple[list[PreferencePair], int]:
+    """`val` without the pairs whose prompt occurs in `train`, and how many were dropped.
+
+    For sources that ship their own test split (HH-RLHF's hub `test`), which does not promise
+    prompts disjoint from `train`.
+    """
+    seen = {p.prompt for p in train}
+    kept = [p for p in val if p.prompt not in seen]
+    return kept, len(val) - len(kept)
+
+
+def prompt_overlap(splits: PreferenceSplits) -> dict[str, int]:
+    """Distinct train and validation prompts, and how many validation prompts occur among the train ones.
+
+    `summary.json` reports these; `eval_prompts_in_train` must be 0 for evaluation to measure
+    generalisation.
+    """
+    train = {p.prompt for p in splits.train}
+    val = {p.prompt for p in splits.val}
+    return {"distinct_train_prompts": len(train), "distinct_eval_prompts": len(val),
+            "eval_prompts_in_train": len(val & train)}

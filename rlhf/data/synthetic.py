@@ -17,7 +17,7 @@ import random
 import string
 from dataclasses import dataclass
 
-from rlhf.data.pairs import HUMAN, PreferencePair, PreferenceSplits, split_train_val
+from rlhf.data.pairs import HUMAN, PreferencePair, PreferenceSplits
 
 # Topic name (as it appears in prompts) -> its on-topic words.
 TOPICS: dict[str, tuple[str, ...]] = {
@@ -42,6 +42,12 @@ TEMPLATES = (
     "I want to get better at {}. Any advice?",
     "Tell me something interesting about {}.",
     "Help me with {}, please.",
+)
+# Phrasings only validation prompts use, in every turn: evaluation then asks each topic in words
+# the policy and the reward model never trained on, so it measures generalisation, not recall.
+HELD_OUT_TEMPLATES = (
+    "Could you explain {} to me?",
+    "I have a question about {}.",
 )
 MULTI_TURN_PROB = 0.3
 MIN_WORDS, MAX_WORDS = 4, 10
@@ -126,30 +132,31 @@ def _response(rng: random.Random, topic: str) -> str:
     return "".join(rng.choice(pool) for pool in rng.choices(pools, weights=weights, k=n))
 
 
-def _ask(rng: random.Random, topic: str) -> str:
+def _ask(rng: random.Random, topic: str, templates: tuple[str, ...]) -> str:
     """A human turn naming `topic`."""
-    return HUMAN + " " + rng.choice(TEMPLATES).format(topic)
+    return HUMAN + " " + rng.choice(templates).format(topic)
 
 
-def _prompt(rng: random.Random) -> str:
+def _prompt(rng: random.Random, templates: tuple[str, ...]) -> str:
     topics = list(TOPICS)
     topic = rng.choice(topics)
-    turn = _ask(rng, topic) + "\n\nAssistant:"
+    turn = _ask(rng, topic, templates) + "\n\nAssistant:"
     if rng.random() < MULTI_TURN_PROB:
         # An earlier exchange on a different topic: a model that ignores turn order gets misled.
         earlier = rng.choice([t for t in topics if t != topic])
-        history = _ask(rng, earlier) + "\n\nAssistant:"
+        history = _ask(rng, earlier, templates) + "\n\nAssistant:"
         history += "".join(rng.choice(TOPICS[earlier] + POLITE) for _ in range(rng.randint(3, 6)))
         turn = history + turn
     return turn
 
 
-def generate_pairs(n_pairs: int, seed: int = 0, tie_margin: float = TIE_MARGIN) -> list[PreferencePair]:
+def generate_pairs(n_pairs: int, seed: int | str = 0, tie_margin: float = TIE_MARGIN,
+                   templates: tuple[str, ...] = TEMPLATES) -> list[PreferencePair]:
     """`n_pairs` pairs: two responses to one prompt, chosen = higher gold, near-ties skipped."""
     rng = random.Random(seed)
     pairs: list[PreferencePair] = []
     while len(pairs) < n_pairs:
-        prompt = _prompt(rng)
+        prompt = _prompt(rng, templates)
         topic = prompt_topic(prompt)
         a, b = _response(rng, topic), _response(rng, topic)
         ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
@@ -162,7 +169,11 @@ def generate_pairs(n_pairs: int, seed: int = 0, tie_margin: float = TIE_MARGIN) 
 
 @dataclass
 class SyntheticPreferences:
-    """Synthetic data source (the data config's `_target_`); `n_pairs` counts train + val."""
+    """Synthetic data source (the data config's `_target_`); `n_pairs` counts train + val.
+
+    Train prompts use `TEMPLATES`, validation prompts `HELD_OUT_TEMPLATES` (drawn from their own
+    random stream), so no validation prompt occurs among the training prompts.
+    """
 
     n_pairs: int = 4000
     seed: int = 0
@@ -175,5 +186,11 @@ class SyntheticPreferences:
     def load(self) -> PreferenceSplits:
         if self.n_pairs <= 0:
             raise ValueError(f"n_pairs must be positive, got {self.n_pairs}")
-        train, val = split_train_val(generate_pairs(self.n_pairs, self.seed, self.tie_margin), self.val_fraction, self.seed)
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        n_val = int(round(self.n_pairs * self.val_fraction))
+        if self.val_fraction > 0 and self.n_pairs >= 2:
+            n_val = max(n_val, 1)
+        train = generate_pairs(self.n_pairs - n_val, self.seed, self.tie_margin, TEMPLATES)
+        val = generate_pairs(n_val, f"{self.seed}:held-out", self.tie_margin, HELD_OUT_TEMPLATES)
         return PreferenceSplits(train=train, val=val, dropped=0)
