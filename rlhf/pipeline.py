@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -86,6 +87,28 @@ def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool 
         raise UserError(f"output directory {run_dir} has {free:.1f} GiB free, paths.min_free_gb={need:g} "
                         "(checkpoints and exports need the room; free space or lower the setting)")
     return confs
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+def quiet_console() -> None:
+    """Keep Lightning's output to what a user of this pipeline can act on.
+
+    Silenced, each for a reason: "N module(s) in eval mode" (PPO's frozen reference and reward
+    models are in eval mode on purpose, and dropout is off everywhere); "val_dataloader but no
+    validation_step" (PPO evaluates in `finish`, not in Lightning's loop); the deprecation inside
+    Lightning's own `_pytree` (not our code, nothing to change); and the advertising tips.
+    """
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"You passed in a `val_dataloader` but have no `validation_step`")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in lg.filters):
+            lg.addFilter(_DropTips())
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
@@ -200,6 +223,7 @@ def train(cfg: DictConfig) -> dict:
         keep_freed_memory()
     transformers.logging.set_verbosity_error()  # load reports and progress bars drown the stage summaries
     transformers.utils.logging.disable_progress_bar()
+    quiet_console()
     run_dir = Path(cfg.paths.output_dir)
     resuming = bool(cfg.get("resume"))
     stages = plan_stages(cfg)
