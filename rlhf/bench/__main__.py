@@ -66,6 +66,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's PPOTrainer / RewardTrainer")
     ap.add_argument("--lr", type=float, default=3e-4, help="PPO learning rate (both sides)")
     ap.add_argument("--rm-lr", type=float, default=1e-3, help="RM learning rate (both sides)")
+    ap.add_argument("--weight-decay", type=float, default=0.0,
+                    help="AdamW weight decay, both sides and both kinds (default 0.0, as ours and TRL default)")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     a = ap.parse_args(argv)
@@ -172,6 +174,7 @@ def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
             base = {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
                     "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates[kind],
                     "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr,
+                    "weight_decay": a.weight_decay,
                     "kernels": a.trl_kernels}
             sides = [("ours", a.precision)] + ([("trl", p) for p in a.trl_precisions] if a.vs_trl else [])
             runs: dict = {side: [] for side in sides}

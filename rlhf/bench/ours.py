@@ -97,13 +97,14 @@ def run(a: dict, root: str) -> dict:
                      f"algo.num_ppo_epochs={s.ppo_epochs}", f"algo.num_mini_batches={s.mini_batches}",
                      f"algo.max_prompt_length={s.prompt_length}", f"algo.max_steps={updates}",
                      "algo.stop_token=null", "algo.missing_eos_penalty=null", "algo.max_grad_norm=null",
-                     "algo.temperature=1.0", "algo.kl_coef=0.05", f"algo.lr={a['lr']}"]
+                     "algo.temperature=1.0", "algo.kl_coef=0.05", f"algo.lr={a['lr']}",
+                     f"algo.weight_decay={a.get('weight_decay', 0.0)}"]
         key, prompts = "algo", data["prompts"][: s.batch * updates]
         pairs = [PreferencePair(p, "", "") for p in prompts]
     else:
         overrides = ["stage=rm", f"rm.batch_size={s.batch}", f"rm.max_prompt_length={s.prompt_length}",
                      f"rm.max_response_length={s.rm_response_length}", f"rm.max_steps={updates}",
-                     f"rm.lr={a['rm_lr']}"]
+                     f"rm.lr={a['rm_lr']}", f"rm.weight_decay={a.get('weight_decay', 0.0)}"]
         key = "rm"
         pairs = [PreferencePair(**p) for p in data["pairs"][: s.batch * updates]]
     cfg = compose(common + overrides)

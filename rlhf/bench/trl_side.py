@@ -123,7 +123,7 @@ def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
 
     updates = a["warmup"] + a["updates"]
     # Ours (rlhf/stages/ppo.py): torch AdamW, lr 3e-4 annealed linearly to 0 over the run, eps 1e-5,
-    # weight decay 0.01 (torch's default), no clipping; k1 KL at 0.05; vf_coef, clip ranges, gamma
+    # weight decay --weight-decay (0.0 by default on both sides), no clipping; k1 KL at 0.05; vf_coef, clip ranges, gamma
     # and lam at the defaults both share.
     tok = AutoTokenizer.from_pretrained(a["policy"], padding_side="left")
     tok.pad_token = tok.eos_token
@@ -133,7 +133,7 @@ def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
     args = PPOConfig(
         output_dir=out_dir, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1,
         num_mini_batches=s.mini_batches, num_ppo_epochs=s.ppo_epochs, response_length=s.response_length,
-        total_episodes=s.batch * updates, learning_rate=a["lr"], adam_epsilon=1e-5, weight_decay=0.01,
+        total_episodes=s.batch * updates, learning_rate=a["lr"], adam_epsilon=1e-5, weight_decay=a.get("weight_decay", 0.0),
         kl_coef=0.05, temperature=1.0, stop_token=None, missing_eos_penalty=None,
         local_rollout_forward_batch_size=s.batch, num_sample_generations=0, report_to=[],
         logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
@@ -178,10 +178,10 @@ def run_rm(a: dict, s, data: dict, out_dir: str) -> dict:
     tok.pad_token = tok.eos_token
     n = s.batch * updates
     train = Dataset.from_dict({"chosen_ids": data["chosen_ids"][:n], "rejected_ids": data["rejected_ids"][:n]})
-    # Ours: AdamW lr 1e-3, no weight decay, linear warm-up 20 steps then linear decay, no clipping.
+    # Ours: AdamW lr 1e-3, weight decay --weight-decay (0.0 by default), linear warm-up 20 steps then linear decay, no clipping.
     args = RewardConfig(
         output_dir=out_dir, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1, max_steps=updates,
-        learning_rate=a["rm_lr"], weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=20, max_grad_norm=0.0,
+        learning_rate=a["rm_lr"], weight_decay=a.get("weight_decay", 0.0), lr_scheduler_type="linear", warmup_steps=20, max_grad_norm=0.0,
         report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
         gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
         max_length=None, center_rewards_coefficient=None, dataloader_num_workers=0)

@@ -111,19 +111,41 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def head_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`head(hidden)` in fp32, also inside a bf16/fp16 autocast.
+
+    For the heads whose outputs PPO compares across passes: the LM head (log-probs, ratios, KL),
+    the reward and the value heads. Autocast would round their outputs to bf16, 8 bits of
+    mantissa: at GPT-2's logit magnitudes that moves a log-prob by tenths of a nat, as much as
+    PPO's clip range, and differently in the cached sampler and in the training forward.
+    The hidden states reaching a head are fp32 already (autocast keeps layer norms in fp32).
+    """
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.float())
+
+
+def output_heads(model: nn.Module) -> list[nn.Module]:
+    """The modules `head_fp32` runs: the LM head and/or a scalar `score` head."""
+    heads = [getattr(model, "score", None)]
+    if hasattr(model, "get_output_embeddings"):
+        heads.append(model.get_output_embeddings())
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
 @torch.no_grad()
 def lower_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Stores a frozen model's linear-layer weights in `dtype`, for use under an autocast to `dtype` only.
 
     Autocast casts exactly these weights (and their biases) to `dtype` at every call, so under it
     the model computes the same numbers as before, without the cast and in half the memory.
-    Embeddings, norms and weights tied to an embedding stay fp32, as autocast leaves them.
+    Embeddings, norms, weights tied to an embedding and the output heads (`head_fp32`) stay fp32.
     """
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
 
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = {id(m) for h in output_heads(model) for m in h.modules()}
     for m in model.modules():
-        if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) not in tied:
+        if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) not in tied and id(m) not in heads:
             m.to(dtype)
     return model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, PreTrainedModel
 
-from rlhf.models.causal_lm import ModelConfig, from_pretrained, prepare
+from rlhf.models.causal_lm import ModelConfig, from_pretrained, head_fp32, prepare
 from rlhf.models.lora import add_lora
 
 
@@ -53,21 +53,27 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Raw scalar head output at every position, [B, T] (the value model uses all of them)."""
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 normalize: bool = False) -> torch.Tensor:
+    """Scalar head output at every position, [B, T] (the value model uses all of them), in fp32.
+
+    `normalize` applies the stored gain/bias, (raw - reward_mean) / reward_std: the units of the
+    scores PPO optimises. A value model initialised from the reward model must predict in those
+    units, or its first estimates are off by the RM's scale (std ~4 in the default run).
+    """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
-    return model.score(hidden).squeeze(-1)
+    values = head_fp32(model.score, hidden).squeeze(-1)
+    if not normalize:
+        return values
+    mean = getattr(model.config, "reward_mean", 0.0)
+    std = getattr(model.config, "reward_std", 1.0)
+    return (values - mean) / std
 
 
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   normalize: bool = True) -> torch.Tensor:
     """Score of each sequence, read at its last attended token; [B]."""
-    values = token_values(model, input_ids, attention_mask)
+    values = token_values(model, input_ids, attention_mask, normalize)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
-    raw = values.gather(1, last[:, None]).squeeze(1)
-    if not normalize:
-        return raw
-    mean = getattr(model.config, "reward_mean", 0.0)
-    std = getattr(model.config, "reward_std", 1.0)
-    return (raw - mean) / std
+    return values.gather(1, last[:, None]).squeeze(1)

@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.algorithms.ppo import position_ids_from_mask
+from rlhf.models.causal_lm import head_fp32
 
 
 @contextmanager
@@ -54,18 +55,21 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
 
 def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator):
     B = input_ids.shape[0]
+    # The backbone, then the LM head ourselves: in fp32 (`head_fp32`) and on the last position only.
+    body, head = policy.base_model, policy.get_output_embeddings()
     pos = position_ids_from_mask(attention_mask)
-    out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
-                 logits_to_keep=1)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
     next_pos = pos[:, -1:] + 1
     mask = attention_mask
     tokens, logits = [], []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for t in range(response_length):
-        step_logits = out.logits[:, -1].float()
+        step_logits = head_fp32(head, out.last_hidden_state[:, -1])
         probs = torch.softmax(step_logits / temperature, -1)
         cdf = probs.cumsum(-1)
-        u = torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype, generator=generator) * cdf[:, -1:]
+        # u in (0, total]: torch.rand can return exactly 0, and searchsorted would then pick the first
+        # token even at probability 0 (cdf 0 >= 0). With u > 0 only a token with mass can be drawn.
+        u = (1.0 - torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype, generator=generator)) * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
         tok = torch.where(done, pad_token_id, tok)
         tokens.append(tok)
@@ -75,8 +79,7 @@ def _sample(policy, input_ids, attention_mask, response_length, temperature, pad
         if t == response_length - 1 or bool(done.all()):
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        out = policy(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                     cache=out.cache, use_cache=True)
+        out = body(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=out.cache, use_cache=True)
         next_pos = next_pos + 1
     responses, logits = torch.stack(tokens, 1), torch.stack(logits, 1)
     missing = response_length - responses.shape[1]
@@ -94,7 +97,7 @@ def backbone_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
 
 def response_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, context_length: int,
                     hidden: Tensor | None = None) -> Tensor:
-    """Logits that predicted each response token: positions context_length-1 .. T-2."""
+    """Logits that predicted each response token: positions context_length-1 .. T-2 (fp32, `head_fp32`)."""
     if hidden is None:
         hidden = backbone_hidden(model, input_ids, attention_mask)
-    return model.get_output_embeddings()(hidden[:, context_length - 1 : -1])
+    return head_fp32(model.get_output_embeddings(), hidden[:, context_length - 1 : -1])

@@ -23,12 +23,12 @@ from torch import nn
 
 from rlhf.algorithms import ppo as F
 from rlhf.errors import ConfigError, UserError
-from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm, lower_matmul_weights
+from rlhf.models.causal_lm import ModelConfig, freeze, head_fp32, load_causal_lm, lower_matmul_weights
 from rlhf.models.lora import reference_policy
 from rlhf.models.reward import check_reward_model, load_reward_model, reward_scores, token_values
 from rlhf.models.sampling import backbone_hidden, response_logits, sample
 from rlhf.models.tokenizer import load_tokenizer
-from rlhf.stages.common import StageConfig, adamw, clip_gradients, export_hf
+from rlhf.stages.common import StageConfig, adamw, clip_each, export_hf
 from rlhf.stages.guards import check_finite
 
 
@@ -38,7 +38,8 @@ class PPOConfig(StageConfig):
     lr: float = 3e-4  # AdamW learning rate (policy and value model), annealed linearly to 0
     anneal_lr: bool = True  # linear decay of lr over max_steps, stepped by hand once per update
     adam_eps: float = 1e-5  # the N+ details use 1e-5 rather than 1e-8
-    max_grad_norm: float | None = 1.0  # gradient clipping per minibatch step; null disables
+    weight_decay: float = 0.0  # AdamW decay on weight matrices (never biases/norms); 0 as TRL and the N+ details
+    max_grad_norm: float | None = 1.0  # per minibatch step, policy and value model each clipped to it; null disables
     batch_size: int = 32  # episodes (prompts) per rollout = per PPO update
     num_mini_batches: int = 1  # minibatches per PPO epoch; must divide batch_size
     num_ppo_epochs: int = 4  # passes over each rollout batch
@@ -64,12 +65,15 @@ class PPOConfig(StageConfig):
     reward_model_path: str | None = None  # reward model (HF dir); default: this run's RM output
     sample_every: int = 10  # log prompt/response samples as TensorBoard text every N updates
     eval_prompts: int = 200  # held-out prompts for the before/after gold evaluation
+    # Warn when a rollout's log-probs and the first training forward's differ by more (nats, max over
+    # tokens, before any step): precision or kernel differences that would make PPO ratios start off 1.
+    logprob_gap_warn: float = 0.05
 
     def __post_init__(self):
         self.check_positive("lr", "batch_size", "num_mini_batches", "num_ppo_epochs", "max_steps",
                             "max_prompt_length", "response_length", "temperature", "kl_horizon",
-                            "sample_every", "eval_prompts", "adam_eps")
-        self.check_positive("kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", allow_zero=True)
+                            "sample_every", "eval_prompts", "adam_eps", "logprob_gap_warn")
+        self.check_positive("weight_decay", "kl_coef", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam", allow_zero=True)
         if self.batch_size % self.num_mini_batches:
             raise ValueError(f"batch_size={self.batch_size} is not divisible by num_mini_batches={self.num_mini_batches}")
         if self.kl_estimator not in ("k1", "k3"):
@@ -129,6 +133,8 @@ class PPOModule(pl.LightningModule):
         self.episodes = 0
         self.seed = torch.initial_seed()  # the run seed: the pipeline seeds every stage before building it
         self.phase_seconds: dict[str, float] = {}  # generation / scoring / training wall time, summed
+        self._grad_norms: dict[str, list[torch.Tensor]] = {}  # pre-clip norms of this update's steps
+        self._gap_warned = False
         self._last_tick = time.perf_counter()
 
     # ----- config plumbing -----
@@ -150,10 +156,25 @@ class PPOModule(pl.LightningModule):
                 "reward_init": conf.reward_model_path or artifacts.get("rm")}
 
     def configure_optimizers(self):
-        opt = adamw(self.parameters(), self.trainer, lr=self.cfg.lr, eps=self.cfg.adam_eps)
+        opt = adamw(self.parameters(), self.trainer, self.cfg.weight_decay, lr=self.cfg.lr, eps=self.cfg.adam_eps)
         total = self.trainer.max_steps // self.optimizer_steps_per_batch
         anneal = (lambda u: max(0.0, 1.0 - u / max(total, 1))) if self.cfg.anneal_lr else (lambda u: 1.0)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.LambdaLR(opt, anneal)}
+
+    def _trained_models(self) -> dict[str, list[nn.Parameter]]:
+        value = self.value_model if self.cfg.value_model == "separate" else self.value_head
+        return {"policy": list(self.policy.parameters()), "value": list(value.parameters())}
+
+    def on_before_optimizer_step(self, optimizer):
+        # Lightning calls this after backward and (fp16) after unscaling, so the gradients are true.
+        if not self.cfg.max_grad_norm:
+            return
+        if self._trainer is not None and isinstance(self._trainer.strategy, pl.strategies.FSDPStrategy):
+            # Sharded gradients need FSDP's own norm, which Lightning computes over all parameters at once.
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.max_grad_norm, gradient_clip_algorithm="norm")
+            return
+        for name, norm in clip_each(self._trained_models(), self.cfg.max_grad_norm).items():
+            self._grad_norms.setdefault(name, []).append(norm.detach())
 
     # ----- data parallelism and randomness -----
     def _sum_over_ranks(self, t: torch.Tensor) -> torch.Tensor:
@@ -195,9 +216,14 @@ class PPOModule(pl.LightningModule):
         self.manual_backward(loss)
 
     def _values(self, ids, mask, context_length, hidden=None):
+        """V(state before each response token), in the normalised reward's units, [B, R].
+
+        A value model initialised from the reward model then starts out predicting the score PPO
+        will receive (N+ details): at a response's stop token its value is that response's score.
+        """
         if self.cfg.value_model == "separate":
-            return token_values(self.value_model, ids, mask)[:, context_length - 1 : -1]
-        return self.value_head(hidden[:, context_length - 1 : -1]).squeeze(-1)
+            return token_values(self.value_model, ids, mask, normalize=True)[:, context_length - 1 : -1]
+        return head_fp32(self.value_head, hidden[:, context_length - 1 : -1]).squeeze(-1)
 
     @torch.no_grad()
     def score(self, queries, qmask, responses, resp_mask, prompts: list[str]) -> torch.Tensor:
@@ -259,11 +285,15 @@ class PPOModule(pl.LightningModule):
         self.policy.train()
         opt = self.optimizers()
         stats: dict[str, list] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
+        gap = None
+        self._grad_norms = {}
         for _ in range(c.num_ppo_epochs):
             for mb in torch.randperm(B, device=self.device, generator=gen).split(c.mini_batch_size):
                 h = backbone_hidden(self.policy, ids[mb], mask[mb])
                 new_logits = response_logits(self.policy, ids[mb], mask[mb], Q, hidden=h)
                 new_logprobs = F.logprobs_from_logits(new_logits, responses[mb], c.temperature)
+                if gap is None:  # the first minibatch runs before any optimizer step: ratios must be exactly 1
+                    gap = self._logprob_gap(new_logprobs.detach(), logprobs[mb], resp_mask[mb])
                 pg_loss, pg = F.policy_loss(new_logprobs, logprobs[mb], advantages[mb], resp_mask[mb], c.cliprange)
                 # The models share no weight, so two backward passes give the same gradients as one, and the
                 # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
@@ -274,9 +304,7 @@ class PPOModule(pl.LightningModule):
                 vpred = self._values(ids[mb], mask[mb], Q, h)
                 vf_loss, vf = F.value_loss(vpred, values[mb], returns[mb], resp_mask[mb], c.cliprange_value)
                 self._backward(c.vf_coef * vf_loss if separate else pg_loss + c.vf_coef * vf_loss)
-                if c.max_grad_norm:
-                    clip_gradients(self, opt, c.max_grad_norm)
-                opt.step()
+                opt.step()  # clips each model's gradients first (`on_before_optimizer_step`)
                 opt.zero_grad(set_to_none=True)  # freed now, not held through the next rollout; next backward starts clean
                 with torch.no_grad():
                     ent = F.masked_mean(F.entropy_from_logits(new_logits.detach(), c.temperature), resp_mask[mb])
@@ -293,9 +321,28 @@ class PPOModule(pl.LightningModule):
         mean_kl = self._mean_over_ranks(kl.sum(1).mean().detach().double())
         self.kl_ctl.update(mean_kl.item(), B * world)
         self.episodes += B * world
-        self._log_update(stats, scores, kl, non_score, logprobs, resp_mask, has_stop, batch["prompt"], responses)
+        self._log_update(stats, scores, kl, non_score, logprobs, resp_mask, has_stop, batch["prompt"], responses, gap)
 
-    def _log_update(self, stats, scores, kl, non_score, logprobs, resp_mask, has_stop, prompts, responses):
+    def _logprob_gap(self, new_logprobs, old_logprobs, resp_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and max |training forward - rollout| log-prob of the same tokens, before any step.
+
+        Should be ~1e-6 (float rounding): anything larger means the sampler and the training forward
+        compute different distributions (low-precision heads, another attention kernel), and every
+        PPO ratio starts away from 1. Warns once per run above `logprob_gap_warn`.
+        """
+        diff = torch.where(resp_mask, (new_logprobs - old_logprobs).abs(), 0.0)
+        mean, worst = F.masked_mean(diff, resp_mask), diff.max()
+        if not self._gap_warned and worst.item() > self.cfg.logprob_gap_warn:
+            self._gap_warned = True
+            from pytorch_lightning.utilities import rank_zero_warn
+
+            rank_zero_warn(f"policy/logprob_gap_max={worst.item():.3g} nats (> algo.logprob_gap_warn="
+                           f"{self.cfg.logprob_gap_warn:g}): the rollout's log-probs differ from the training "
+                           "forward's before any step, so PPO ratios start off 1; check precision and "
+                           "model.attn_implementation")
+        return mean, worst
+
+    def _log_update(self, stats, scores, kl, non_score, logprobs, resp_mask, has_stop, prompts, responses, gap):
         avg = {k: torch.stack(v).mean() for k, v in stats.items()}
         mean_kl = kl.sum(1).mean()
         nsr = non_score.sum(1).mean()
@@ -308,7 +355,10 @@ class PPOModule(pl.LightningModule):
              "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["pg_clipfrac"],
              "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg_loss"], "loss/value_avg": avg["vf_loss"],
              "value/clipfrac_avg": avg["vf_clipfrac"], "value/ratio": avg["ratio"], "lr": lr,
+             "policy/logprob_gap": gap[0], "policy/logprob_gap_max": gap[1],
              "episode": float(self.episodes)}
+        for name, norms in self._grad_norms.items():  # before clipping, mean over the update's steps
+            m[f"{name}/grad_norm"] = torch.stack(norms).mean()
         if self.gold is not None:
             m["objective/gold_scores"] = sum(self.gold(p, t) for p, t in zip(prompts, texts)) / len(texts)
         m = {k: float(v) for k, v in m.items()}
@@ -324,7 +374,8 @@ class PPOModule(pl.LightningModule):
                         "learning_rate": lr, "batch_size": len(prompts) * self.trainer.world_size,
                         "kl_coef": m["objective/kl_coef"],
                         "entropy": m["objective/entropy"], "approxkl": m["policy/approxkl_avg"],
-                        "clipfrac": m["policy/clipfrac_avg"], "episode": self.episodes,
+                        "clipfrac": m["policy/clipfrac_avg"], "logprob_gap_max": m["policy/logprob_gap_max"],
+                        "episode": self.episodes,
                         "gold_score": m.get("objective/gold_scores", "")}
         step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         if step % self.cfg.sample_every == 0:
