@@ -4,9 +4,17 @@ PATH is a metrics CSV, a run directory or a Hydra multirun directory. Prints a
 table (runs ranked best first for a sweep) and writes figures + ``report.md``
 (into ``--out``, default next to the input). ``--json`` prints only JSON on
 stdout: one object for a run, one object per line for a sweep (failed jobs as
-``{"run": ..., "status": "failed", "error": ...}``). Warnings go to stderr after
-the results; on an error, stderr gets a single ``error: ...`` line and the exit
-code is 1 (2 for bad arguments).
+``{"run": ..., "status": "failed", "error": ...}``). A sweep whose ``seed``
+override takes several values also gets, per configuration of the other
+overrides, the mean and 95% confidence interval of each metric over seeds
+(:mod:`analysis.seeds`): a text table, a report section, ``seeds.png`` and, with
+``--json``, one more line per configuration after the run lines::
+
+    {"kind": "seeds", "params": {...}, "n_seeds": 3, "seeds": [0, 1, 2], "runs": ["0", "2", "4"],
+     "metrics": {"gold_win_rate": {"mean": ..., "ci95": ..., "lo": ..., "hi": ..., "n": 3}, ...}}
+
+Warnings go to stderr after the results; on an error, stderr gets a single
+``error: ...`` line and the exit code is 1 (2 for bad arguments).
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ from .load import is_sweep_dir, load_run, load_sweep
 from .metrics import compute_metrics
 from .plots import check_lang
 from .report import default_out_dir, fmt, run_warnings, write_run_report, write_sweep_report
+from .seeds import config_label, config_metrics, has_seeds, seed_table, shown_metrics
 from .sweep import rank_runs, sweep_table
 
 
@@ -90,10 +99,38 @@ def _run(args, path: Path) -> None:
     print(f"Report: {report}")
 
 
+def _seed_json(seeds: pd.DataFrame) -> list[str]:
+    params = seeds.attrs["params"]
+    return [_dump({"kind": "seeds", "params": {p: jsonable(r[p]) for p in params}, "n_seeds": r["n_seeds"],
+                   "seeds": [jsonable(s) for s in r["seeds"]], "runs": list(r["runs"]),
+                   "metrics": {m: {k: jsonable(v) for k, v in st.items()}
+                               for m, st in config_metrics(r, seeds.attrs["metrics"]).items()}})
+            for _, r in seeds.iterrows()]
+
+
+def _seed_text(seeds: pd.DataFrame) -> list[str]:
+    if seeds.empty:
+        return ["Over seeds: no job has a readable summary.json, nothing to aggregate"]
+    lines = [f"Over seeds: {len(seeds)} configuration(s), mean and 95% CI half-width "
+             "(mean ± t(0.975, n-1) * sd / sqrt(n)); --json for every metric"]
+    params, metrics = seeds.attrs["params"], shown_metrics(seeds)
+    for _, r in seeds.iterrows():
+        lines.append(f"{config_label(r, params)}: {r['n_seeds']} seed(s) {', '.join(map(fmt, r['seeds']))} "
+                     f"(jobs {', '.join(map(str, r['runs']))})")
+        stats = pd.DataFrame.from_dict(config_metrics(r, metrics), orient="index")
+        shown = stats.astype(object).map(fmt)
+        shown.index = shown.index.str.ljust(max(map(len, shown.index)))  # names read best left-aligned
+        shown = shown.rename_axis("metric").reset_index()
+        lines += ["  " + line for line in shown.to_string(index=False).splitlines()]
+    return lines
+
+
 def _sweep(args, path: Path) -> None:
     df, failed = load_sweep(path)
-    ranked = rank_runs(sweep_table(df, args.window), objective=args.objective, max_kl=args.max_kl)
-    report = write_sweep_report(df, ranked, default_out_dir(path, args.out), args.window, args.lang)
+    table = sweep_table(df, args.window)
+    ranked = rank_runs(table, objective=args.objective, max_kl=args.max_kl)
+    seeds = seed_table(table, path) if has_seeds(table) else None
+    report = write_sweep_report(df, ranked, default_out_dir(path, args.out), args.window, args.lang, seeds=seeds)
     params = list(ranked.attrs.get("params", []))
     reasons = ranked.attrs.get("failed_jobs", {})
     if args.json:
@@ -105,6 +142,8 @@ def _sweep(args, path: Path) -> None:
                          "warnings": ranked.attrs["warnings"].get(r["run"], []), "report": str(report)}))
         for name in failed:
             print(_dump({"run": name, "status": "failed", "error": reasons.get(name, "")}))
+        for line in _seed_json(seeds) if seeds is not None else []:
+            print(line)
         return
     bound = f"final KL <= {args.max_kl:g}" if args.max_kl is not None else "no KL bound"
     print(f"Sweep: {path}: {len(ranked)} run(s) analysed, {len(failed)} failed")
@@ -114,6 +153,8 @@ def _sweep(args, path: Path) -> None:
     shown = ranked[cols].astype(object).map(fmt)
     shown["rank"] = ["-" if pd.isna(v) else str(v) for v in ranked["rank"]]
     print(shown.to_string(index=False))
+    if seeds is not None:
+        print("\n".join(_seed_text(seeds)))
     warnings = [f"  - run {run}: {w}" for run, ws in ranked.attrs.get("warnings", {}).items() for w in ws]
     if warnings:
         print("Warnings:")

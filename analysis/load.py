@@ -25,6 +25,7 @@ and ``warnings`` (the human-readable list).
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -188,6 +189,26 @@ def read_overrides(run_dir: Path) -> dict[str, object]:
         if sep and key and not key.startswith("~"):
             out[key] = _parse_value(value.strip())
     return out
+
+
+def read_summary(run_dir: Path) -> dict[str, float]:
+    """The numeric headline values at the top level of a run's ``summary.json``.
+
+    Numbers only: booleans, text, nested dicts (``stages``) and ``seed`` (an
+    identity, not a result) are left out. Raises :class:`AnalysisError` when the
+    file is missing or is not a JSON object.
+    """
+    f = Path(run_dir) / "summary.json"
+    if not f.is_file():
+        raise AnalysisError(f"{f}: no such file (job failed or still running?)")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AnalysisError(f"{f}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AnalysisError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    return {k: float(v) for k, v in data.items()
+            if k != "seed" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _parse_value(s: str) -> object:

@@ -4,6 +4,7 @@
 * :func:`moving_average_figure` -- 1x2: raw policy loss / reward (alpha 0.3) + ``window``-step moving average.
 * :func:`sweep_reward_vs_kl` -- one smoothed reward-vs-KL trajectory per run, final point marked.
 * :func:`sweep_final_reward` -- final reward against each hyperparameter that varies.
+* :func:`seed_bands` -- per metric, the mean over seeds per step with its confidence band, one per configuration.
 
 ``lang="en"`` (default) uses English labels, ``lang="zh"`` the notebook's Chinese
 ones with a CJK font (:func:`analysis.fonts.find_cjk_font`, which raises if none is
@@ -33,7 +34,9 @@ LABELS = {
         "loss": "Loss", "kl": "KL divergence", "reward": "Reward", "pl_trend": "Policy loss trend",
         "rs_trend": "Reward score trend", "raw": "Raw", "ma": "{w}-step moving average", "spike": "KL spike",
         "rvk_title": "Reward vs KL per run ({w}-step moving average)", "final_title": "Final reward by hyperparameter",
-        "final_reward": "Final reward", "run": "Run", "over_kl": "over KL bound",
+        "final_reward": "Final reward", "run": "Run", "over_kl": "over KL bound", "gold_score": "Gold Score",
+        "seeds_title": "Mean over seeds with 95% confidence band ({w}-step moving average of each run)",
+        "n_seeds": "{n} seeds",
     },
     "zh": {
         "title": "RLHF 训练监控面板", "policy_loss": "策略损失 (Policy Loss)", "value_loss": "价值损失 (Value Loss)",
@@ -41,7 +44,9 @@ LABELS = {
         "loss": "损失值", "kl": "KL散度", "reward": "奖励分数", "pl_trend": "策略损失趋势",
         "rs_trend": "奖励分数趋势", "raw": "原始数据", "ma": "{w}步移动平均", "spike": "KL尖峰",
         "rvk_title": "各运行的奖励分数与KL散度 ({w}步移动平均)", "final_title": "最终奖励与超参数",
-        "final_reward": "最终奖励", "run": "运行", "over_kl": "超出KL上限",
+        "final_reward": "最终奖励", "run": "运行", "over_kl": "超出KL上限", "gold_score": "金标准分数 (Gold Score)",
+        "seeds_title": "多个随机种子的均值与95%置信带 (每次运行的{w}步移动平均)",
+        "n_seeds": "{n}个种子",
     },
 }
 
@@ -214,5 +219,34 @@ def sweep_final_reward(table: pd.DataFrame, path: str | Path, params: list[str],
         for ax in axes[max(1, len(params)):]:
             ax.set_visible(False)
         fig.suptitle(lab["final_title"])
+        fig.tight_layout()
+        return _save(fig, path)
+
+
+def seed_bands(curves: pd.DataFrame, path: str | Path, window: int = 50, lang: str = "en") -> Path:
+    """One panel per metric of :func:`analysis.seeds.seed_curves`: per configuration, the mean
+    over seeds against step and a shaded ``mean ± ci95`` band (absent where one seed has the step)."""
+    with _style(lang) as lab:
+        metrics = list(dict.fromkeys(curves["metric"]))
+        ncols = 2 if len(metrics) <= 4 else 3
+        nrows = max(1, -(-len(metrics) // ncols))
+        fig = Figure(figsize=(7 * ncols, 4.5 * nrows))
+        axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+        for ax, metric in zip(axes, metrics):
+            for config, g in curves[curves["metric"] == metric].groupby("config", sort=True):
+                step, mean, half = (g[c].to_numpy(dtype=float) for c in ("step", "mean", "ci95"))
+                if len(step) > MAX_POINTS:  # smoothed curves: even thinning loses nothing visible
+                    keep = np.linspace(0, len(step) - 1, MAX_POINTS).astype(int)
+                    step, mean, half = step[keep], mean[keep], half[keep]
+                color = f"C{int(config) % 10}"
+                label = f"{g['label'].iloc[0]} ({lab['n_seeds'].format(n=g['n_seeds'].iloc[0])})"
+                ax.plot(step, mean, color=color, linewidth=1.5, label=label)
+                ax.fill_between(step, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
+            ax.set_title(lab.get(metric, metric))
+            ax.set_xlabel(lab["step"])
+            ax.legend(fontsize="small")
+        for ax in axes[len(metrics):]:
+            ax.set_visible(False)
+        fig.suptitle(lab["seeds_title"].format(w=window))
         fig.tight_layout()
         return _save(fig, path)

@@ -3,8 +3,10 @@
 Default output folder: the run (or sweep) directory itself, or the CSV's folder.
 A run gets ``dashboard.png``, ``moving_average.png`` and a metrics table; a sweep
 gets ``sweep_reward_vs_kl.png``, ``sweep_final_reward.png`` and a per-run table
-ranked by :func:`analysis.sweep.rank_runs`, plus the failed jobs. Warnings
-(duplicated/out-of-order steps, NaN/inf, KL spikes, suspected collapse) are listed.
+ranked by :func:`analysis.sweep.rank_runs`, plus the failed jobs; a sweep over
+several seeds also gets ``seeds.png`` and the mean and 95% confidence interval of
+each configuration (:mod:`analysis.seeds`). Warnings (duplicated/out-of-order
+steps, NaN/inf, KL spikes, suspected collapse) are listed.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pandas as pd
 from . import plots
 from .load import is_sweep_dir, load_run, load_sweep
 from .metrics import compute_metrics, metric_warnings
+from .seeds import config_label, config_metrics, has_seeds, seed_curves, seed_table, shown_metrics
 from .sweep import rank_runs, sweep_table, varying_params
 
 DESCRIPTIONS = {
@@ -91,10 +94,37 @@ def write_run_report(df: pd.DataFrame, metrics: dict, out_dir: Path, window: int
     return report
 
 
+def seed_lines(seeds: pd.DataFrame) -> list[str]:
+    """Markdown for a :func:`analysis.seeds.seed_table`: the definition, then a table per configuration."""
+    lines = ["Mean over seeds and 95% confidence interval, `mean ± t(0.975, n-1) · sd / sqrt(n)` with the "
+             "sample SD (n/a with one seed), per configuration of the overrides other than the seed. "
+             "Metrics: each job's `summary.json` numbers, then the ranking's log metrics "
+             "(`python -m analysis --json` gives every numeric one).", ""]
+    skipped = seeds.attrs.get("skipped", {})
+    if skipped:
+        lines += ["Left out (no readable summary.json): " + ", ".join(f"job {r}" for r in skipped) + ".", ""]
+    if seeds.empty:
+        return lines + ["No job to aggregate.", ""]
+    params, metrics = seeds.attrs.get("params", []), shown_metrics(seeds)
+    for _, row in seeds.iterrows():
+        lines += [f"### {config_label(row, params)}", "",
+                  f"{row['n_seeds']} seed(s): {', '.join(map(fmt, row['seeds']))} "
+                  f"(jobs {', '.join(map(str, row['runs']))}).", ""]
+        stats = config_metrics(row, metrics)
+        lines += _md_table(["metric", "mean", "± 95% CI", "low", "high", "n"],
+                           [[m, s["mean"], s["ci95"], s["lo"], s["hi"], s["n"]] for m, s in stats.items()])
+        lines.append("")
+    return lines
+
+
 def write_sweep_report(df: pd.DataFrame, ranked: pd.DataFrame, out_dir: Path, window: int = 50,
-                       lang: str = "en") -> Path:
-    """Figures + ``report.md`` for a sweep; ``ranked`` comes from :func:`rank_runs`."""
+                       lang: str = "en", seeds: pd.DataFrame | None = None) -> Path:
+    """Figures + ``report.md`` for a sweep; ``ranked`` comes from :func:`rank_runs`,
+    ``seeds`` (optional) from :func:`analysis.seeds.seed_table`: adds ``seeds.png`` and a section."""
     out_dir = Path(out_dir)
+    draw_seeds = seeds is not None and not seeds.empty
+    if draw_seeds:
+        plots.seed_bands(seed_curves(df, seeds, window), out_dir / "seeds.png", window=window, lang=lang)
     params = varying_params(ranked) or list(ranked.attrs.get("params", []))
     plots.sweep_reward_vs_kl(df, out_dir / "sweep_reward_vs_kl.png", window=window, lang=lang,
                              table=ranked, params=params)
@@ -113,6 +143,8 @@ def write_sweep_report(df: pd.DataFrame, ranked: pd.DataFrame, out_dir: Path, wi
     cols = ["rank", "run"] + list(ranked.attrs.get("params", [])) + list(SWEEP_COLUMNS)
     rows = [[r[c] if c != "rank" or not pd.isna(r[c]) else "-" for c in cols] for _, r in ranked.iterrows()]
     lines += _md_table(cols, rows)
+    if seeds is not None:
+        lines += ["", "## Over seeds", ""] + seed_lines(seeds)
     lines += ["", "## Failed jobs", ""]
     lines += [f"- job {name}: {why}" for name, why in failed.items()] or ["None."]
     lines += ["", "## Warnings", ""]
@@ -120,6 +152,8 @@ def write_sweep_report(df: pd.DataFrame, ranked: pd.DataFrame, out_dir: Path, wi
     lines += warn or ["None."]
     lines += ["", "## Figures", "", "![Reward vs KL per run](sweep_reward_vs_kl.png)", "",
               "![Final reward by hyperparameter](sweep_final_reward.png)", ""]
+    if draw_seeds:
+        lines += ["![Mean over seeds with 95% confidence band](seeds.png)", ""]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines), encoding="utf-8")
     return report
@@ -136,7 +170,9 @@ def write_report(path, out_dir=None, window: int = 50, lang: str = "en", max_kl:
     plots.check_lang(lang)  # fail on a bad language or missing CJK font before any work
     if is_sweep_dir(path):
         df, _failed = load_sweep(path)
-        ranked = rank_runs(sweep_table(df, window), objective=objective, max_kl=max_kl)
-        return write_sweep_report(df, ranked, default_out_dir(path, out_dir), window, lang)
+        table = sweep_table(df, window)
+        ranked = rank_runs(table, objective=objective, max_kl=max_kl)
+        seeds = seed_table(table, path) if has_seeds(table) else None
+        return write_sweep_report(df, ranked, default_out_dir(path, out_dir), window, lang, seeds=seeds)
     df = load_run(path)
     return write_run_report(df, compute_metrics(df, window), default_out_dir(path, out_dir), window, lang)
