@@ -113,7 +113,7 @@ def _seed_text(seeds: pd.DataFrame) -> list[str]:
         return ["Over seeds: no job has a readable summary.json, nothing to aggregate"]
     lines = [f"Over seeds: {len(seeds)} configuration(s), mean and 95% CI half-width "
              "(mean ± t(0.975, n-1) * sd / sqrt(n)); --json for every metric"]
-    params, metrics = seeds.attrs["params"], shown_metrics(seeds)
+    params, metrics = seeds.attrs.get("varying", seeds.attrs["params"]), shown_metrics(seeds)
     for _, r in seeds.iterrows():
         lines.append(f"{config_label(r, params)}: {r['n_seeds']} seed(s) {', '.join(map(fmt, r['seeds']))} "
                      f"(jobs {', '.join(map(str, r['runs']))})")

@@ -105,7 +105,7 @@ def seed_lines(seeds: pd.DataFrame) -> list[str]:
         lines += ["Left out (no readable summary.json): " + ", ".join(f"job {r}" for r in skipped) + ".", ""]
     if seeds.empty:
         return lines + ["No job to aggregate.", ""]
-    params, metrics = seeds.attrs.get("params", []), shown_metrics(seeds)
+    params, metrics = seeds.attrs.get("varying", seeds.attrs.get("params", [])), shown_metrics(seeds)
     for _, row in seeds.iterrows():
         lines += [f"### {config_label(row, params)}", "",
                   f"{row['n_seeds']} seed(s): {', '.join(map(fmt, row['seeds']))} "

@@ -143,7 +143,9 @@ def seed_table(runs: pd.DataFrame, sweep_dir: str | Path | None = None) -> pd.Da
                         f"{m}_hi": mean[i] + half[i], f"{m}_n": int(n[i])})
         rows.append(row)
     out = pd.DataFrame(rows, columns=columns)
-    out.attrs = {"params": config_params, "seed_param": seed_col, "metrics": metrics, "summary_metrics": names,
+    # labels name only what differs between configurations; a setting shared by all says nothing
+    varying = [p for p in config_params if out[p].astype(str).nunique() > 1]
+    out.attrs = {"params": config_params, "varying": varying, "seed_param": seed_col, "metrics": metrics, "summary_metrics": names,
                  "log_metrics": log_metrics, "skipped": skipped, "level": LEVEL}
     return out
 
@@ -160,7 +162,10 @@ def config_metrics(row: pd.Series, metrics: list[str]) -> dict[str, dict[str, fl
 
 
 def config_label(row: pd.Series, params: list[str]) -> str:
-    """``lr=0.0001, algo.kl_coef=0.05`` (``all runs`` when only the seed varies)."""
+    """``lr=0.0001, algo.kl_coef=0.05`` (``all runs`` when only the seed varies).
+
+    Pass ``seeds.attrs["varying"]``: overrides every configuration shares would only add noise.
+    """
     return ", ".join(f"{p}={row[p]}" for p in params) or "all runs"
 
 
@@ -174,7 +179,7 @@ def seed_curves(df: pd.DataFrame, seeds: pd.DataFrame, window: int = 50,
     without a gold scorer) is left out. ``n`` drops where a job stopped early; the
     moving average uses ``min_periods=1`` so the curves start at the first step.
     """
-    params = list(seeds.attrs.get("params", []))
+    params = list(seeds.attrs.get("varying", seeds.attrs.get("params", [])))
     frames = []
     for i, (_, row) in enumerate(seeds.iterrows()):
         jobs = df[df["run"].isin(row["runs"])]
