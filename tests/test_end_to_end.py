@@ -24,6 +24,8 @@ def test_default_run_learns(tmp_path, precision):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run) in proc.stdout  # tells the user where the outputs are
     summary = json.loads((run / "summary.json").read_text())
+    # Evaluated on prompts no stage trained on (held-out phrasings of the synthetic task).
+    assert summary["eval_prompts_in_train"] == 0 and summary["distinct_eval_prompts"] >= 50, summary
     target_kl = 6.0  # algo.target_kl default (rlhf/stages/ppo.py)
     assert summary["rm_accuracy"] >= 0.90, summary
     assert summary["gold_reward_after"] > summary["gold_reward_before"], summary
@@ -32,6 +34,12 @@ def test_default_run_learns(tmp_path, precision):
     df = pd.read_csv(run / "ppo" / "metrics.csv")
     assert list(df.columns[:8]) == REFERENCE
     assert df["step"].tolist() == list(range(1, len(df) + 1))
+    # The critic starts in the normalised reward's units (7.8 when it read the RM's raw head).
+    assert df["value_loss"].iloc[0] < 2.0, df["value_loss"].head()
+    # Only warnings a user can act on: none of Lightning's noise about this pipeline's choices.
+    console = proc.stdout + proc.stderr
+    for noise in ("module(s) in eval mode", "LeafSpec", "💡", "val_dataloader` but have no"):
+        assert noise not in console, noise
     # The proxy reward the policy optimised rose too, and the report was written next to the run.
     assert df["reward_score"].tail(5).mean() > df["reward_score"].head(5).mean()
     assert (run / "report" / "report.md").is_file()

@@ -183,15 +183,16 @@ def test_rm_summary_and_metrics(trained_artifacts):
 
 
 # ----------------------------------------------------------------------------- local HH files
-def _hh_lines(n: int) -> list[str]:
+def _hh_lines(n: int, pairs_per_prompt: int = 1) -> list[str]:
     lines = []
-    for i in range(n):
+    for j in range(n):
+        i = j // pairs_per_prompt
         if i % 3 == 0:  # multi-turn: an earlier exchange, then the compared last turn
             prompt = (f"\n\nHuman: What is {i} plus one?\n\nAssistant: It is {i + 1}."
                       f"\n\nHuman: And {i} plus two?\n\nAssistant:")
         else:
             prompt = f"\n\nHuman: Can you tell me about topic number {i}?\n\nAssistant:"
-        chosen = prompt + f" Sure, topic {i} is interesting and here is why."
+        chosen = prompt + f" Sure, topic {i} is interesting and here is reason {j}."
         rejected = prompt + " Whatever, I don't care."
         lines.append(json.dumps({"chosen": chosen, "rejected": rejected}))
     return lines
@@ -199,12 +200,16 @@ def _hh_lines(n: int) -> list[str]:
 
 def test_rm_on_local_hh_file(tmp_path, compose_cfg):
     data = tmp_path / "hh.jsonl"
-    data.write_text("\n".join(_hh_lines(30)) + "\n")
+    data.write_text("\n".join(_hh_lines(60, pairs_per_prompt=3)) + "\n")  # every prompt in three pairs
     run = tmp_path / "run"
     cfg = compose_cfg(run, "stage=rm", "data=hh_rlhf", f"data.data_files={data}", "trainer.max_steps=3", *TINY_RM)
     summary = train(cfg)
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["data"] == "HHRLHF"
+    # Held out by prompt: no validation prompt is also a training prompt.
+    assert on_disk["eval_prompts_in_train"] == 0, on_disk
+    assert on_disk["distinct_train_prompts"] + on_disk["distinct_eval_prompts"] == 20, on_disk
+    assert on_disk["distinct_eval_prompts"] >= 1
     assert set(on_disk["stages"]) == {"rm"}
     assert 0.0 <= on_disk["rm_accuracy"] <= 1.0
     assert summary["rm_accuracy"] == on_disk["rm_accuracy"]
