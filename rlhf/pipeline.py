@@ -25,7 +25,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 from rlhf.data.pairs import prompt_overlap
 from rlhf.errors import ConfigError, UserError
 from rlhf.model_card import write_model_card
-from rlhf.memory import keep_freed_memory
+from rlhf.memory import keep_freed_memory, peak_rss_mb
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.tokenizer import load_tokenizer
 
@@ -169,10 +169,23 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     ckpt_path = str(last) if resuming and last.is_file() else None
     if ckpt_path:
         print(f"resuming stage {stage} from {ckpt_path}")
+    cuda = _cuda_memory_reset()
+    t0 = time.perf_counter()
     # weights_only: a checkpoint is tensors and plain values, never pickled code.
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    fit_seconds = time.perf_counter() - t0
     mismatch = rank_weight_mismatch(trainer, module)
     result = module.finish(dm, stage_dir, tokenizer, source) if trainer.global_rank == 0 else {}
+    if trainer.global_rank == 0:
+        # What a user needs to plan a longer run: training time per step (without loading, validation
+        # at the end or export) and the memory high-water marks.
+        # On a resumed stage `steps` counts all steps and `fit_seconds` only this process's.
+        result.update(steps=trainer.global_step // per_batch, fit_seconds=round(fit_seconds, 2),
+                      peak_rss_mb=round(peak_rss_mb(), 1))
+        if cuda:
+            import torch
+
+            result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if trainer.world_size > 1:
         # Every rank runs every stage; the others load rank 0's export in the next stage.
         trainer.strategy.barrier("stage-export")
@@ -184,6 +197,15 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()  # the next stage starts its own W&B run instead of appending to this one
     return result
+
+
+def _cuda_memory_reset() -> bool:
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.cuda.reset_peak_memory_stats()
+    return True
 
 
 def rank_weight_mismatch(trainer, module) -> float:

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from rlhf.memory import current_rss_mb, peak_rss_mb  # noqa: F401  (re-exported for both bench sides)
 
 PAD_ID = 50256  # GPT-2's eos, also its pad
 SEED = 1234  # weights, prompts and sampling
@@ -80,18 +81,6 @@ def set_threads(n: int) -> None:
 
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def current_rss_mb() -> float:
-    """Resident memory now (Linux /proc; 0 elsewhere): the imports' share of the peak, taken before any model."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return 0.0
 
 
 def matmul_peak_tflops(precision: str, sizes=(1024, 2048), repeats: int = 5) -> float:
