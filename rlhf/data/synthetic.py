@@ -194,3 +194,25 @@ class SyntheticPreferences:
         train = generate_pairs(self.n_pairs - n_val, self.seed, self.tie_margin, TEMPLATES)
         val = generate_pairs(n_val, f"{self.seed}:held-out", self.tie_margin, HELD_OUT_TEMPLATES)
         return PreferenceSplits(train=train, val=val, dropped=0)
+
+
+def write_hh_file(path, n_pairs: int, seed: int = 0) -> int:
+    """Writes `n_pairs` synthetic pairs as HH-RLHF JSON lines ({"chosen", "rejected"} full dialogues).
+
+    For running `data=hh_rlhf` (e.g. `experiment=gpt2_hh`) offline; an existing file is never overwritten.
+    """
+    import json
+    from pathlib import Path
+
+    from rlhf.errors import UserError
+
+    out = Path(path)
+    if out.exists():
+        raise UserError(f"{out} already exists; refusing to overwrite it")
+    if out.suffix != ".jsonl" or n_pairs <= 0:
+        raise UserError(f"expected a .jsonl path and --pairs > 0, got {out} and {n_pairs}")
+    pairs = generate_pairs(n_pairs, seed)
+    out.write_text("".join(json.dumps({"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected}) + "\n"
+                           for p in pairs))
+    return len(pairs)
+

@@ -28,7 +28,7 @@ def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_
         model = GPT2ForSequenceClassification(GPT2Config(**arch))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
-    model = prepare(model.float())
+    model = prepare(model.float(), cfg.gradient_checkpointing)
     # With LoRA the scalar head still trains in full: it is new (from an SFT export) or tiny.
     return add_lora(model, cfg.lora, modules_to_save=["score"]) if cfg.lora else model
 
