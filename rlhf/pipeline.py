@@ -177,9 +177,10 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     mismatch = rank_weight_mismatch(trainer, module)
     result = module.finish(dm, stage_dir, tokenizer, source) if trainer.global_rank == 0 else {}
     if trainer.global_rank == 0:
-        # What a user needs to plan a longer run: training time per step (without loading, validation
-        # at the end or export) and the memory high-water marks.
-        # On a resumed stage `steps` counts all steps and `fit_seconds` only this process's.
+        # What a user needs to plan a longer run: the wall time of `trainer.fit` (training with its
+        # in-loop validation and checkpoints; not loading, the end-of-stage evaluation or export) and
+        # the memory high-water marks. On a resumed stage `steps` counts all steps, `fit_seconds`
+        # only this process's.
         result.update(steps=trainer.global_step // per_batch, fit_seconds=round(fit_seconds, 2),
                       peak_rss_mb=round(peak_rss_mb(), 1))
         if cuda:
