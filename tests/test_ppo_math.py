@@ -1,26 +1,28 @@
-"""Unit tests for rlhf.algorithms.ppo against hand-computed numbers and plain-Python loops."""
+"""Unit tests for rlhf.algorithms.core and .ppo against hand-computed numbers and plain-Python loops."""
 
 import math
 
 import pytest
 import torch
 
-from rlhf.algorithms.ppo import (
+from rlhf.algorithms.core import (
     INVALID_LOGPROB,
-    AdaptiveKLController,
-    FixedKLController,
-    compute_rewards,
     entropy_from_logits,
-    gae,
     kl_penalty,
     last_index,
     logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
-    policy_loss,
     position_ids_from_mask,
     truncate_after_stop,
+)
+from rlhf.algorithms.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_rewards,
+    gae,
+    policy_loss,
     value_loss,
 )
 

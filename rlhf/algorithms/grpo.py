@@ -1,0 +1,132 @@
+"""Tensor math for GRPO (Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical
+Reasoning in Open Language Models"), with the Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like
+Training") and DAPO (Yu et al. 2025) loss normalisations.
+
+Semantics follow TRL's GRPOTrainer (advantage scaling, per-token clipped surrogate, k3 KL and the
+"grpo" / "dr_grpo" / "dapo" aggregations). Meant for the GRPO stage (`python train.py algo=grpo`);
+pure tensor code, batch-first [batch, response_len], no model or trainer state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf.algorithms.core import kl_penalty
+
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+
+
+def group_advantages(
+    rewards: Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4
+) -> Tensor:
+    """Group-relative advantages for rewards laid out as consecutive groups of `num_generations`.
+
+    "group": (r - group mean) / (group std + eps)  (GRPO paper, TRL default)
+    "batch": (r - group mean) / (batch std + eps)  (more robust when a group's rewards are all equal)
+    "none":  r - group mean                         (Dr. GRPO: std scaling biases towards easy/hard prompts)
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of {SCALE_REWARDS}")
+    if num_generations < 2:
+        # A group of one has no baseline to compare against (and an undefined unbiased std).
+        raise ValueError(f"num_generations must be >= 2 for group-relative advantages, got {num_generations}")
+    if rewards.dim() != 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"rewards must be 1-D with a length divisible by num_generations={num_generations}, "
+            f"got shape {tuple(rewards.shape)}"
+        )
+    grouped = rewards.view(-1, num_generations)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale_rewards == "group":
+        # Unbiased std, as TRL (torch.std default); eps keeps all-equal groups at exactly 0.
+        std = grouped.std(dim=1).repeat_interleave(num_generations)
+        advantages = advantages / (std + eps)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + eps)
+    return advantages
+
+
+def k3_kl(new_logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(policy || ref): exp(ref - new) - (ref - new) - 1, always >= 0."""
+    return kl_penalty(new_logprobs, ref_logprobs, "k3")
+
+
+def _masked_token_mean(x: Tensor, mask: Tensor) -> Tensor:
+    # Clamped count so a batch with no valid tokens logs 0 rather than NaN.
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1).to(x.dtype)
+
+
+def grpo_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange_low: float = 0.2,
+    cliprange_high: float | None = None,
+    beta: float = 0.0,
+    loss_type: str = "grpo",
+    max_response_length: int | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped GRPO surrogate (+ beta * k3 KL to the reference), aggregated per `loss_type`.
+
+    new/old/ref logprobs and mask: [B, T]; advantages: [B], one per sequence, shared by its tokens.
+    `cliprange_high` > `cliprange_low` is DAPO's "clip-higher". `ref_logprobs` may be None when beta == 0.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if new_logprobs.shape != old_logprobs.shape or new_logprobs.shape != mask.shape or new_logprobs.dim() != 2:
+        raise ValueError(
+            f"new_logprobs, old_logprobs and mask must share one [B, T] shape, got "
+            f"{tuple(new_logprobs.shape)}, {tuple(old_logprobs.shape)}, {tuple(mask.shape)}"
+        )
+    batch, width = mask.shape
+    if advantages.shape != (batch,):
+        raise ValueError(f"advantages must have shape ({batch},) (one per sequence), got {tuple(advantages.shape)}")
+    if beta > 0 and (ref_logprobs is None or ref_logprobs.shape != mask.shape):
+        raise ValueError(f"beta > 0 needs ref_logprobs of shape {tuple(mask.shape)}")
+    if max_response_length is None:
+        max_response_length = width
+    if loss_type == "dr_grpo" and max_response_length < width:
+        raise ValueError(f"max_response_length ({max_response_length}) is shorter than the responses ({width})")
+    if cliprange_high is None:
+        cliprange_high = cliprange_low
+
+    mask = mask.bool()
+    zeros = torch.zeros_like(new_logprobs)
+    # Zero the inputs at padding *before* any arithmetic: padded log-probs may be garbage (TRL fills
+    # 1.0, models can give -inf) and a NaN there would poison the backward pass even through a
+    # later torch.where (its zero gradient times a NaN local derivative is NaN).
+    new_logprobs = torch.where(mask, new_logprobs, zeros)
+    old_logprobs = torch.where(mask, old_logprobs, zeros)
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    adv = advantages.to(ratio.dtype).unsqueeze(1)
+    clipped_ratio = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
+    # Pessimistic min: moving the ratio past the trust region in the favoured direction earns nothing.
+    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)
+
+    if beta > 0:
+        per_token_kl = k3_kl(new_logprobs, torch.where(mask, ref_logprobs, zeros))
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = torch.where(mask, per_token_loss, zeros)
+
+    weights = mask.to(per_token_loss.dtype)
+    if loss_type == "grpo":
+        # Every sequence weighs the same, so long responses' tokens each count less (length bias).
+        loss = (per_token_loss.sum(dim=1) / weights.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "dr_grpo":
+        # Constant denominator: a token weighs the same whatever its response or batch length.
+        loss = per_token_loss.sum() / (batch * max_response_length)
+    else:  # dapo: token-level mean, every valid token in the batch weighs the same
+        loss = per_token_loss.sum() / weights.sum().clamp(min=1)
+
+    with torch.no_grad():
+        is_clipped = ((ratio < 1.0 - cliprange_low) & (adv < 0)) | ((ratio > 1.0 + cliprange_high) & (adv > 0))
+        stats = {
+            "clipfrac": _masked_token_mean(is_clipped.to(ratio.dtype), mask),
+            "kl": _masked_token_mean(per_token_kl, mask) if beta > 0 else ratio.new_zeros(()),
+            "ratio": _masked_token_mean(ratio, mask),
+        }
+    return loss, stats
