@@ -1,8 +1,9 @@
-"""Train: SFT -> reward model -> PPO on a Hugging Face causal LM.
+"""Train: SFT -> reward model -> PPO (or GRPO, RLOO, DPO) on a Hugging Face causal LM.
 
     python train.py                                   # tiny GPT-2, synthetic data, CPU, a few minutes
+    python train.py algo=grpo                         # SFT -> reward model -> GRPO
     python train.py model=gpt2 lr=3e-5                # real GPT-2
-    python train.py -m lr=1e-5,3e-5,1e-4 algo.kl_coef=0.02,0.05,0.1   # sweep
+    python train.py -m algo=ppo,grpo lr=1e-4,3e-4 kl_coef=0.02,0.05   # sweep
 
 A thin Hydra wrapper around `rlhf.pipeline.train`.
 """
@@ -13,7 +14,7 @@ from omegaconf import DictConfig
 
 from rlhf.config import register_configs
 
-register_configs()  # typed schemas behind conf/algo and conf/model
+register_configs()  # typed schemas behind conf/stages, conf/reward and conf/model
 
 
 def _resume_into_run_dir(argv: list[str]) -> None:

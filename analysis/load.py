@@ -4,8 +4,9 @@ Accepted inputs for :func:`load_run`
 
 * a CSV file with the columns ``step, policy_loss, value_loss, kl_divergence,
   reward_score, learning_rate, batch_size, timestamp`` (extra columns are kept);
-* a run directory ``outputs/runs/<date>/<time>/``: its ``ppo/metrics.csv``, else a
-  ``metrics.csv`` directly in it, else the TensorBoard events under ``ppo/tb/``
+* a run directory ``outputs/runs/<date>/<time>/``: the ``metrics.csv`` of its
+  ``algo`` stage (``ppo/``, ``grpo/``, ... as ``config.yaml`` names it), else a
+  ``metrics.csv`` directly in it, else that stage's TensorBoard events under ``<algo>/tb/``
   (see :mod:`analysis.tb_events`);
 * a single ``events.out.tfevents.*`` file.
 
@@ -59,17 +60,28 @@ def resolve_log(path: Path) -> tuple[str, Path]:
         raise AnalysisError(f"{path}: no such file or directory")
     if path.is_file():
         return ("tensorboard" if "tfevents" in path.name else "csv"), path
-    for csv in (path / "ppo" / "metrics.csv", path / "metrics.csv"):
+    algo = run_algo(path)
+    for csv in (path / algo / "metrics.csv", path / "metrics.csv"):
         if csv.is_file():
             return "csv", csv
-    for tb_dir, recursive in ((path / "ppo" / "tb", True), (path / "tb", True), (path / "ppo", False), (path, False)):
+    for tb_dir, recursive in ((path / algo / "tb", True), (path / "tb", True), (path / algo, False), (path, False)):
         if tb_dir.is_dir() and find_event_files(tb_dir, recursive):
             return "tensorboard", tb_dir
     hint = "; it looks like a multirun sweep, use load_sweep" if is_sweep_dir(path) else ""
     raise AnalysisError(
-        f"{path}: no training log found (looked for ppo/metrics.csv, metrics.csv and "
-        f"TensorBoard events in ppo/tb/){hint}"
+        f"{path}: no training log found (looked for {algo}/metrics.csv, metrics.csv and "
+        f"TensorBoard events in {algo}/tb/){hint}"
     )
+
+
+def run_algo(run_dir: Path) -> str:
+    """The run's last stage, whose log is the run's (``algo`` in its ``config.yaml``; ``ppo`` without one)."""
+    f = run_dir / "config.yaml"
+    try:
+        algo = (yaml.safe_load(f.read_text()) or {}).get("algo") if f.is_file() else None
+    except (yaml.YAMLError, OSError, AttributeError):
+        algo = None
+    return algo if isinstance(algo, str) and algo else "ppo"
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -165,12 +177,12 @@ def is_sweep_dir(path: str | Path) -> bool:
         return False
     if (p / "multirun.yaml").is_file():
         return True
-    own_log = (p / "ppo").is_dir() or (p / "metrics.csv").is_file()
+    own_log = (p / run_algo(p)).is_dir() or (p / "metrics.csv").is_file()
     return not own_log and bool(job_dirs(p))
 
 
 def read_overrides(run_dir: Path) -> dict[str, object]:
-    """Parse ``.hydra/overrides.yaml`` (``['lr=1e-05', 'algo.kl_coef=0.05']``) into ``{key: value}``.
+    """Parse ``.hydra/overrides.yaml`` (``['lr=1e-05', 'kl_coef=0.05']``) into ``{key: value}``.
 
     ``+key=v`` / ``++key=v`` count as ``key=v``; deletions (``~key``) are ignored.
     Values become int, float or bool where they parse as one, else stay text.

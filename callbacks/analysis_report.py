@@ -1,4 +1,4 @@
-"""Writes the analysis dashboard and `report.md` into the run directory when the PPO stage ends."""
+"""Writes the analysis dashboard and `report.md` into the run directory when an RL stage ends."""
 from __future__ import annotations
 
 import logging
@@ -10,20 +10,22 @@ log = logging.getLogger(__name__)
 
 
 class AnalysisReport(pl.Callback):
-    """After `fit` of the stages named in `stages`, run `analysis.write_report` on the run dir.
+    """After `fit` of a stage whose metrics.csv has the reference schema (its `csv_columns` declares
+    it: the online RL stages), run `analysis.write_report` on the run dir.
 
     A failing report never fails training: the run's logs are the product, the report a view.
     """
 
-    def __init__(self, stage_dir: str, stages: tuple[str, ...] = ("ppo",), window: int = 50, lang: str = "en"):
+    def __init__(self, stage_dir: str, window: int = 50, lang: str = "en"):
         self.stage_dir = Path(stage_dir)
-        self.stages = tuple(stages)
         self.window = window
         self.lang = lang
         self.report: Path | None = None
 
     def on_fit_end(self, trainer, pl_module):
-        if trainer.global_rank != 0 or self.stage_dir.name not in self.stages:
+        from analysis.load import REQUIRED_COLUMNS
+
+        if trainer.global_rank != 0 or not set(REQUIRED_COLUMNS) <= set(getattr(pl_module, "csv_columns", None) or ()):
             return
         from analysis import AnalysisError, write_report
 

@@ -1,15 +1,15 @@
 """Evaluate a finished run's policy against its SFT (reference) policy on held-out prompts.
 
-    python -m rlhf.evaluate RUN_DIR [--prompts 200] [--max-new-tokens N] [--temperature T] [--seed 0]
+    python -m rlhf.evaluate RUN_DIR [--stage grpo] [--prompts 200] [--max-new-tokens N] [--temperature T]
 
 The prompts are the first `--prompts` of the validation split of the run's data config (the pairs
-no stage trained on). The policy (`ppo/model`) and the reference (`sft/model`, or the run's
-`algo.policy_path`) each sample one response per prompt with the same random stream, with PPO's
-settings by default (`algo.response_length` new tokens, `algo.temperature`, prompts cut to their
-last `algo.max_prompt_length` tokens, responses cut after the first eos). With N responses y_i to
-prompts x_i:
+no stage trained on). The policy (the run's last policy stage, e.g. `ppo/model`, or `--stage`'s) and
+the reference (the SFT export, or that stage's `policy_path`) each sample one response per prompt
+with the same random stream, with the stage's settings by default (`response_length` new tokens,
+`temperature`, prompts cut to their last `max_prompt_length` tokens, responses cut after the first
+eos). With N responses y_i to prompts x_i:
 
-    reward      mean_i RM(x_i, y_i)                     the run's reward model, normalised as in PPO
+    reward      mean_i RM(x_i, y_i)                     the run's reward model (when it has one), normalised
     win rate    mean_i [s(y_i) > s(y'_i)] + 0.5 [s(y_i) = s(y'_i)]    policy y vs SFT y'; ties count half
     KL          mean_i sum_t (log pi(y_it | x_i, y_i<t) - log pi_ref(y_it | x_i, y_i<t))
                 over the policy's own response tokens (k1, unbiased for KL(pi || pi_ref); nats per
@@ -34,7 +34,6 @@ from typing import Callable, Iterable, Sequence
 
 from rlhf.errors import UserError
 
-STAGES = ("sft", "rm", "ppo")
 N_SAMPLES = 5  # example responses kept in eval.json
 
 
@@ -94,7 +93,7 @@ def sequence_logprobs(model, queries, query_mask, responses, response_mask, temp
     """sum_t log softmax(logits_t / temperature)[y_t] over each row's response tokens where response_mask; [B]."""
     import torch
 
-    from rlhf.algorithms.ppo import logprobs_from_logits
+    from rlhf.algorithms.core import logprobs_from_logits
     from rlhf.models.sampling import response_logits
 
     with torch.no_grad():
@@ -120,7 +119,7 @@ def rollout(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     """One sampled response per prompt: {"texts", "lengths"} and, with `reference`, per-sequence "kl"."""
     import torch
 
-    from rlhf.algorithms.ppo import truncate_after_stop
+    from rlhf.algorithms.core import truncate_after_stop
     from rlhf.models.sampling import sample
 
     if seed is not None:
@@ -141,13 +140,13 @@ def rollout(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return out
 
 
-# ----- inside training: the comparison at the end of the PPO stage -----
+# ----- inside training: the comparison at the end of a policy stage -----
 
 def _rollout_batch(module, policy, batch) -> dict:
-    """`rollout` on one datamodule batch, with the PPO module's settings, reward model and reference."""
+    """`rollout` on one datamodule batch, with the module's settings, reward and reference."""
     import torch
 
-    from rlhf.algorithms import ppo as F
+    from rlhf.algorithms import core
     from rlhf.models.lora import reference_policy
     from rlhf.models.sampling import sample
 
@@ -156,12 +155,13 @@ def _rollout_batch(module, policy, batch) -> dict:
     with torch.no_grad():
         resp, logits = sample(policy, q, qm, c.response_length, c.temperature, module.tokenizer.pad_token_id,
                               module.stop_id)
-        resp, rmask, _ = F.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
-        logp = (F.logprobs_from_logits(logits, resp, c.temperature) * rmask).sum(1)  # the sampler's own logits
+        resp, rmask, _ = core.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
+        logp = (core.logprobs_from_logits(logits, resp, c.temperature) * rmask).sum(1)  # the sampler's own logits
         with reference_policy(module.policy, module.ref_policy) as ref_policy:
             ref = sequence_logprobs(ref_policy, q, qm, resp, rmask, c.temperature)
-        scores = module.score(q, qm, resp, rmask, batch["prompt"])
-    return {"scores": scores.tolist(), "kl": (logp - ref).tolist(),
+        score = getattr(module, "score", None)  # DPO has no reward to score with
+        scores = score(q, qm, resp, rmask, batch["prompt"]).tolist() if score is not None else []
+    return {"scores": scores, "kl": (logp - ref).tolist(),
             "texts": [module.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)],
             "prompts": list(batch["prompt"]), "length": rmask.sum(1).float().tolist()}
 
@@ -177,10 +177,12 @@ def _collect(module, policy, loader, n: int) -> dict:
 
 
 def compare_policies(module, dm, n: int) -> dict:
-    """The PPO policy against its starting policy on `n` validation prompts, at the end of the stage.
+    """A policy stage's policy against its starting policy on `n` validation prompts, at the end of the stage.
 
     The same measures as `evaluate_run` (reward, win rate, k1 KL from the sampler's log-probs, gold,
-    length), computed from the live PPO module and its datamodule instead of a run's exports.
+    length), computed from the live module and its datamodule instead of a run's exports. The
+    module provides `policy`, `ref_policy`, `tokenizer`, `stop_id`, `gold`, `device`, `cfg`
+    (`response_length`, `temperature`) and, when it has a reward, `score`.
     """
     import torch
 
@@ -195,15 +197,16 @@ def compare_policies(module, dm, n: int) -> dict:
     torch.manual_seed(1234)
     after = _collect(module, module.policy, loader, n)
     module.policy.train(was_training)
-    result = {"eval_prompts": len(after["texts"]),
-              "reward_before": mean(before["scores"]), "reward_after": mean(after["scores"]),
-              "rm_win_rate": win_rate(after["scores"], before["scores"]), "kl_final": mean(after["kl"]),
+    result = {"eval_prompts": len(after["texts"]), "kl_final": mean(after["kl"]),
               "response_length_before": mean(before["length"]), "response_length_after": mean(after["length"])}
+    if after["scores"]:  # the proxy the stage optimised: reward model and/or reward functions
+        result.update(reward_before=mean(before["scores"]), reward_after=mean(after["scores"]),
+                      rm_win_rate=win_rate(after["scores"], before["scores"]))
     if module.gold is not None:
         g0 = [module.gold(p, t) for p, t in zip(before["prompts"], before["texts"])]
         g1 = [module.gold(p, t) for p, t in zip(after["prompts"], after["texts"])]
         result.update(gold_reward_before=mean(g0), gold_reward_after=mean(g1), gold_win_rate=win_rate(g1, g0))
-    result["samples"] = [{"prompt": p[-200:], "sft": b, "ppo": a}
+    result["samples"] = [{"prompt": p[-200:], "sft": b, "policy": a}
                          for p, b, a in list(zip(after["prompts"], before["texts"], after["texts"]))[:N_SAMPLES]]
     return result
 
@@ -242,7 +245,7 @@ def held_out(config, n: int) -> tuple[list[str], Callable | None, str]:
 
 def evaluate_run(run_dir: str | Path, prompts: int = 200, max_new_tokens: int | None = None,
                  temperature: float | None = None, seed: int = 0, batch_size: int = 32, device: str = "cpu",
-                 artifacts=None, policy=None) -> dict:
+                 artifacts=None, policy=None, stage: str | None = None) -> dict:
     """All metrics of the module docstring for `run_dir`, as the dict `eval.json` holds.
 
     `artifacts` reuses a loaded `RunArtifacts`; `policy` replaces the run's policy (e.g.
@@ -251,22 +254,20 @@ def evaluate_run(run_dir: str | Path, prompts: int = 200, max_new_tokens: int | 
     from rlhf.inference import RunArtifacts
 
     start = time.time()
-    art = artifacts or RunArtifacts(run_dir, device=device)
-    if art.reward_dir is None:
-        raise UserError(f"{art.run_dir}: no reward model export (rm/model or algo.reward_model_path)")
-    cfg = art.config
+    art = artifacts or RunArtifacts(run_dir, device=device, stage=stage)
+    cfg, scfg = art.config, {art.stage: art.stage_cfg}
     if max_new_tokens is None:
-        max_new_tokens = int(_cfg_get(cfg, "algo", "response_length", default=16))
+        max_new_tokens = int(_cfg_get(scfg, art.stage, "response_length", default=16))
     if temperature is None:
-        temperature = float(_cfg_get(cfg, "algo", "temperature", default=1.0))
-    max_prompt_length = _cfg_get(cfg, "algo", "max_prompt_length")
+        temperature = float(_cfg_get(scfg, art.stage, "temperature", default=1.0))
+    max_prompt_length = _cfg_get(scfg, art.stage, "max_prompt_length")
     if prompts <= 0 or max_new_tokens <= 0 or temperature <= 0:
         raise UserError(f"--prompts, --max-new-tokens and --temperature must be > 0 "
                         f"(got {prompts}, {max_new_tokens}, {temperature})")
     texts_in, gold, data_name = held_out(cfg, prompts)
 
     tok = art.tokenizer
-    stop_id = tok.eos_token_id if _cfg_get(cfg, "algo", "stop_token", default="eos") == "eos" else None
+    stop_id = tok.eos_token_id if _cfg_get(scfg, art.stage, "stop_token", default="eos") == "eos" else None
     pol = policy if policy is not None else art.policy
     ref = art.reference
     common = dict(max_new_tokens=max_new_tokens, temperature=temperature, stop_id=stop_id,
@@ -274,20 +275,19 @@ def evaluate_run(run_dir: str | Path, prompts: int = 200, max_new_tokens: int | 
     # The same seed for both: common random numbers, so identical policies give identical samples.
     after = rollout(pol, tok, texts_in, reference=ref, **common)
     before = rollout(ref, tok, texts_in, **common)
-    r_after = _score(art, texts_in, after["texts"], batch_size)
-    r_before = _score(art, texts_in, before["texts"], batch_size)
-
     result = {
-        "run_dir": str(art.run_dir),
+        "run_dir": str(art.run_dir), "stage": art.stage,
         "policy_dir": str(art.policy_dir) if policy is None else "(given policy)",
         "reference_dir": str(art.reference_dir),
-        "reward_model_dir": str(art.reward_dir),
+        "reward_model_dir": str(art.reward_dir) if art.reward_dir else None,
         "data": data_name, "split": "val",
         "prompts": len(texts_in), "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
-        "reward_policy": mean(r_after), "reward_sft": mean(r_before),
-        "rm_win_rate": win_rate(r_after, r_before),
         "kl_to_sft": mean(after["kl"]),
     }
+    if art.reward_dir is not None:  # a DPO run, or one rewarded by functions only, has none
+        r_after = _score(art, texts_in, after["texts"], batch_size)
+        r_before = _score(art, texts_in, before["texts"], batch_size)
+        result.update(reward_policy=mean(r_after), reward_sft=mean(r_before), rm_win_rate=win_rate(r_after, r_before))
     if gold is not None:
         g_after = [float(gold(p, t)) for p, t in zip(texts_in, after["texts"])]
         g_before = [float(gold(p, t)) for p, t in zip(texts_in, before["texts"])]
@@ -334,13 +334,12 @@ def _num(v) -> str:
     return "" if v is None else f"{v:.4f}"
 
 
-def update_model_card(run_dir: Path, policy_dir: Path, config, result: dict) -> Path:
+def update_model_card(run_dir: Path, policy_dir: Path, config, result: dict, stage: str) -> Path:
     """Rewrite the policy export's README.md with the run's metrics and this evaluation."""
     from omegaconf import OmegaConf
 
     from rlhf.model_card import write_model_card
 
-    stage = policy_dir.parent.name if policy_dir.parent.name in STAGES else "ppo"
     metrics: dict = {}
     try:
         metrics = json.loads((run_dir / "summary.json").read_text())["stages"][stage]
@@ -356,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run directory written by `python train.py`")
     ap.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200; fewer if the split is smaller)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's algo.response_length")
-    ap.add_argument("--temperature", type=float, default=None, help="default: the run's algo.temperature")
+    ap.add_argument("--stage", default=None, help="the policy to evaluate: a stage of the run that produces one "
+                    "(default: its last, e.g. ppo, grpo or dpo)")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the stage's response_length")
+    ap.add_argument("--temperature", type=float, default=None, help="default: the stage's temperature")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed, the same for policy and SFT (default 0)")
     ap.add_argument("--batch-size", type=int, default=32, help="prompts per forward pass (default 32)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -378,14 +379,14 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf.inference import RunArtifacts
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        art = RunArtifacts(args.run_dir, device=device)
+        art = RunArtifacts(args.run_dir, device=device, stage=args.stage)
         result = evaluate_run(args.run_dir, args.prompts, args.max_new_tokens, args.temperature, args.seed,
                               args.batch_size, artifacts=art)
         out = args.run_dir / "eval.json"
         tmp = out.with_name("eval.json.tmp")
         tmp.write_text(json.dumps(result, indent=2))
         os.replace(tmp, out)
-        card = None if args.no_card else update_model_card(args.run_dir, art.policy_dir, art.config, result)
+        card = None if args.no_card else update_model_card(args.run_dir, art.policy_dir, art.config, result, art.stage)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

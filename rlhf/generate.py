@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=positive_int, default=1, help="completions per prompt")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    p.add_argument("--stage", default=None, help="the policy to sample: a stage of the run that produces one "
+                   "(default: its last, e.g. ppo, grpo or dpo)")
     p.add_argument("--json", action="store_true",
                    help="one JSON object per sample: {prompt, sample, completion, reward}")
     return p
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from rlhf.errors import UserError
     from rlhf.inference import RunArtifacts
 
-    artifacts = RunArtifacts(args.run_dir, device=args.device)
+    artifacts = RunArtifacts(args.run_dir, device=args.device, stage=args.stage)
     prompts = [format_prompt(p) for p in args.prompt]
     for i, prompt in enumerate(prompts, 1):
         problem = context_overflow(artifacts, prompt, args.max_new_tokens)

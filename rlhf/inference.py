@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf.algorithms.ppo import truncate_after_stop
+from rlhf.algorithms.core import truncate_after_stop
 from rlhf.errors import UserError
 from rlhf.models.causal_lm import freeze, prepare
 from rlhf.models.reward import reward_scores
@@ -22,21 +22,38 @@ from rlhf.models.tokenizer import load_tokenizer
 
 
 class RunArtifacts:
-    """The models of a run directory written by `python train.py`."""
+    """The models of a run directory written by `python train.py`.
 
-    def __init__(self, run_dir: str | Path, device: str = "cpu"):
+    `stage` picks the policy: by default the last stage of the run that produces one (the
+    stage registry's order: an RL stage's export before the SFT policy it started from).
+    """
+
+    def __init__(self, run_dir: str | Path, device: str = "cpu", stage: str | None = None):
+        from rlhf.stages import stages
+
         self.run_dir = Path(run_dir)
         if not self.run_dir.is_dir():
             raise UserError(f"run directory {self.run_dir} does not exist")
         cfg_file = self.run_dir / "config.yaml"
         self.config = OmegaConf.load(cfg_file) if cfg_file.is_file() else None
         self.device = torch.device(device)
-        algo = (self.config or {}).get("algo") or {}
-        self.policy_dir = self._first("policy", self.run_dir / "ppo" / "model", self.run_dir / "sft" / "model")
-        self.reference_dir = self._first("reference policy", self.run_dir / "sft" / "model", algo.get("policy_path"),
-                                         self.policy_dir)
-        self.reward_dir = self._first("reward model", self.run_dir / "rm" / "model", algo.get("reward_model_path"),
-                                      required=False)
+        known = stages()
+        policy_stages = [n for n, c in known.items() if c.produces == "policy"]
+        if stage is not None and stage not in policy_stages:
+            raise UserError(f"--stage {stage}: not a stage that produces a policy (one of {', '.join(policy_stages)})")
+        candidates = [stage] if stage else list(reversed(policy_stages))
+        self.stage = next((n for n in candidates if (self.run_dir / n / "model" / "config.json").is_file()), None)
+        if self.stage is None:
+            looked = ", ".join(f"{n}/model" for n in candidates)
+            raise UserError(f"{self.run_dir}: no policy export found (looked for {looked})")
+        self.policy_dir = self.run_dir / self.stage / "model"
+        self.stage_cfg = (self.config or {}).get(self.stage) or {}
+        # The reference is what the policy started from: its policy_path, else the run's first policy.
+        first = [self.run_dir / n / "model" for n, c in known.items() if c.produces == "policy" and not c.needs]
+        self.reference_dir = self._first("reference policy", self.stage_cfg.get("policy_path"), *first, self.policy_dir)
+        reward_cfg = (self.config or {}).get("reward") or {}
+        rm_dirs = [self.run_dir / n / "model" for n, c in known.items() if c.produces == "reward"]
+        self.reward_dir = self._first("reward model", *rm_dirs, reward_cfg.get("model_path"), required=False)
         self.trust_remote_code = bool(((self.config or {}).get("model") or {}).get("trust_remote_code", False))
 
     def _first(self, what: str, *candidates, required: bool = True) -> Path | None:
@@ -44,7 +61,7 @@ class RunArtifacts:
             if c and (Path(c) / "config.json").is_file():
                 return Path(c)
         if required:
-            raise UserError(f"{self.run_dir}: no {what} export found (looked for ppo/model, sft/model, rm/model)")
+            raise UserError(f"{self.run_dir}: no {what} export found")
         return None
 
     def _causal_lm(self, path: Path):
@@ -95,7 +112,7 @@ class RunArtifacts:
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         """Normalised reward-model scores of prompt + completion (as the PPO stage scored them)."""
         if self.reward_model is None:
-            raise UserError(f"{self.run_dir}: no reward model (rm/model or algo.reward_model_path)")
+            raise UserError(f"{self.run_dir}: no reward model (rm/model or reward.model_path)")
         tok = self.reward_tokenizer
         enc = tok([p + c for p, c in zip(prompts, completions)], return_tensors="pt", padding=True,
                   truncation=True, max_length=getattr(self.reward_model.config, "n_positions", 1024)).to(self.device)

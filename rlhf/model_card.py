@@ -18,21 +18,17 @@ from typing import Any, Mapping
 
 import yaml
 
-CONFIG_KEY = {"sft": "sft", "rm": "rm", "ppo": "algo"}  # where each stage's settings live (as rlhf.pipeline)
 
-TITLES = {"sft": "SFT policy", "rm": "reward model", "ppo": "PPO policy"}
-WHAT = {
-    "sft": "Supervised fine-tuning: next-token cross-entropy on prompt + chosen response, loss on the response "
-           "tokens only.",
-    "rm": "Bradley-Terry reward model: a scalar head on the causal-LM backbone, trained with "
-          "`-logsigmoid(r_chosen - r_rejected - margin)` on preference pairs. Scores are normalised to mean 0 / "
-          "std 1 on the training responses with `reward_mean` / `reward_std` stored in `config.json`.",
-    "ppo": "PPO (TRL-style, \"The N+ Implementation Details of RLHF with PPO\") against the frozen reward model, "
-           "with a per-token KL penalty (`kl_coef`) to the frozen SFT policy it started from.",
-}
+
+def _stage(name: str):
+    """The stage's class from the registry (its title, description, what it produces), or None."""
+    from rlhf.stages import stages
+
+    return stages().get(name)
+
+
 # Stage settings that are bookkeeping, not hyperparameters (paths are listed under "initialised from").
-NOT_HYPERPARAMETERS = {"_target_", "val_every", "val_batches", "sample_every", "eval_prompts", "policy_path",
-                       "reward_model_path"}
+NOT_HYPERPARAMETERS = {"_target_", "val_every", "val_batches", "sample_every", "eval_prompts", "policy_path"}
 # Result keys that are not metrics.
 NOT_METRICS = {"model_dir", "metrics_csv", "samples", "run_dir"}
 
@@ -70,12 +66,15 @@ def model_card(stage: str, config: Mapping | None, metrics: Mapping | None, eval
     metrics = _plain(metrics)
     model = _get(config, "model")
     data = _get(config, "data")
-    stage_cfg = _get(config, CONFIG_KEY.get(stage, stage))
+    stage_cfg = _get(config, stage)
+    cls = _stage(stage)
+    plan = (metrics or {}).get("plan") or config.get("plan")
+    how = f" ({' -> '.join(plan)})" if plan else ""
 
     return "\n".join([
         "---", yaml.safe_dump(front_matter(stage, config), sort_keys=False).rstrip(), "---", "",
-        f"# {TITLES.get(stage, stage)} ({model.get('name') or 'model'}, {_data_name(data)})", "",
-        f"Trained with rlhf-lightning (SFT -> reward model -> PPO on PyTorch Lightning and Hydra); "
+        f"# {cls.title if cls else stage} ({model.get('name') or 'model'}, {_data_name(data)})", "",
+        f"Trained with rlhf-lightning{how} on PyTorch Lightning and Hydra; "
         f"this is the output of the `{stage}` stage.", "",
         "## How it was made", "",
         *_made(stage, config, model, data, stage_cfg), "",
@@ -92,8 +91,10 @@ def model_card(stage: str, config: Mapping | None, metrics: Mapping | None, eval
 
 def front_matter(stage: str, config: Mapping | None) -> dict:
     config = _plain(config)
+    cls = _stage(stage)
+    reward = cls is not None and cls.produces == "reward"
     meta: dict[str, Any] = {"library_name": "transformers", "tags": ["rlhf", stage],
-                            "pipeline_tag": "text-classification" if stage == "rm" else "text-generation"}
+                            "pipeline_tag": "text-classification" if reward else "text-generation"}
     base = _get(config, "model").get("name_or_path")
     if isinstance(base, str) and _HUB_ID.match(base):  # a Hub id; a local path is named in the card body
         meta["base_model"] = base
@@ -106,10 +107,14 @@ def front_matter(stage: str, config: Mapping | None) -> dict:
 # ----- sections -----
 
 def _made(stage: str, config: dict, model: dict, data: dict, stage_cfg: dict) -> list[str]:
-    lines = [f"- **Stage:** `{stage}`. {WHAT.get(stage, '')}".rstrip(),
+    cls = _stage(stage)
+    what = cls.description if cls else ""
+    if cls and cls.paper:
+        what += f" Follows {cls.paper}."
+    lines = [f"- **Stage:** `{stage}`. {what}".rstrip(),
              f"- **Base model:** {_base_model(model)}",
              f"- **Data:** {_data_description(data)}"]
-    init = _initialised_from(stage, stage_cfg)
+    init = _initialised_from(stage, stage_cfg, _get(config, "reward"))
     if init:
         lines.append(f"- **Initialised from:** {init}")
     if config.get("seed") is not None:
@@ -154,15 +159,25 @@ def _data_description(data: dict) -> str:
     return f"`{target}`" if target else "not recorded"
 
 
-def _initialised_from(stage: str, stage_cfg: dict) -> str:
-    if stage == "rm":
-        return "the SFT policy's export (`sft/model`) when the run trained one, with a new scalar head"
-    if stage == "ppo":
+def _initialised_from(stage: str, stage_cfg: dict, reward: dict) -> str:
+    cls = _stage(stage)
+    if cls is None:
+        return ""
+    parts = []
+    if "policy" in cls.uses:
+        parts.append("the SFT policy's export (`sft/model`) when the run trained one, with a new scalar head")
+    if "policy" in cls.needs:
         policy = stage_cfg.get("policy_path")
-        reward = stage_cfg.get("reward_model_path")
-        return (f"policy and KL reference: {f'`{policy}`' if policy else 'the SFT export (`sft/model`)'}; "
-                f"reward model: {f'`{reward}`' if reward else 'the run’s `rm/model`'}")
-    return ""
+        parts.append(f"policy and KL reference: {f'`{policy}`' if policy else 'the SFT export (`sft/model`)'}")
+    if "reward" in cls.needs:
+        fns, path = reward.get("fn"), reward.get("model_path")
+        if fns:
+            names = fns if isinstance(fns, list) else [fns]
+            parts.append("reward functions: " + ", ".join(f"`{f}`" for f in names)
+                         + (f", with the reward model `{path}`" if path else ""))
+        else:
+            parts.append(f"reward model: {f'`{path}`' if path else 'the run’s `rm/model`'}")
+    return "; ".join(parts)
 
 
 def _hyperparameters(stage_cfg: dict, trainer: dict, seed) -> list[tuple[str, str]]:
@@ -196,7 +211,8 @@ def _eval_section(ev: dict) -> list[str]:
 
 def _how_to_load(stage: str, stage_cfg: dict) -> list[str]:
     path = f"{stage}/model"
-    if stage == "rm":
+    cls = _stage(stage)
+    if cls is not None and cls.produces == "reward":
         code = [
             "import torch",
             "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
@@ -207,7 +223,7 @@ def _how_to_load(stage: str, stage_cfg: dict) -> list[str]:
             'text = "\\n\\nHuman: Any tips on cooking?\\n\\nAssistant: Sure, salt the pan."',
             "with torch.no_grad():",
             "    raw = model(**tok(text, return_tensors=\"pt\")).logits[0, 0].item()",
-            "# the score PPO used: normalised with the statistics stored in config.json",
+            "# the score RL stages used: normalised with the statistics stored in config.json",
             'score = (raw - getattr(model.config, "reward_mean", 0.0)) / getattr(model.config, "reward_std", 1.0)',
         ]
         note = ("Score one unpadded sequence at a time as above (or pad on the right): the score is read at the "

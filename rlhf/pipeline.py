@@ -1,8 +1,14 @@
-"""The run: SFT -> reward model -> PPO, each stage a LightningModule built from its config.
+"""The run: the stages an algorithm needs (SFT -> reward model -> PPO by default), each a
+LightningModule built from its config.
+
+    python train.py algo=grpo     # SFT -> RM -> GRPO;  algo=dpo: SFT -> DPO
+    python train.py algo=grpo reward.fn=my_module.my_function   # SFT -> GRPO, no reward model
 
 `train(cfg)` is what `train.py` wraps with `@hydra.main`; tests call it in-process with a config
-from Hydra's compose API. Everything that can be checked (config values, data files, model and
-checkpoint paths, the output directory) is checked before the first model is built.
+from Hydra's compose API. The stages come from the registry (`rlhf.stages`): what each needs and
+produces decides the pipeline. Everything that can be checked (config values, data files, model,
+checkpoint and reward paths, reward functions, the output directory) is checked before the first
+model is built.
 """
 from __future__ import annotations
 
@@ -12,12 +18,12 @@ import os
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import transformers
-from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pytorch_lightning.utilities.model_helpers import is_overridden
@@ -27,32 +33,130 @@ from rlhf.errors import ConfigError, UserError
 from rlhf.model_card import write_model_card
 from rlhf.memory import keep_freed_memory, peak_rss_mb
 from rlhf.models.causal_lm import ModelConfig
+from rlhf.models.reward import check_reward_model
 from rlhf.models.tokenizer import load_tokenizer
+from rlhf.rewards import RewardConfig, load_functions, sources
+from rlhf.stages import Inputs, get_stage, stages
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "rm", "ppo")
-CONFIG_KEY = {"sft": "sft", "rm": "rm", "ppo": "algo"}  # where each stage's settings live
+
+def apply_root_settings(cfg: DictConfig) -> None:
+    """The root `lr` and `kl_coef` (when set) become the settings of the stage that optimises the
+    policy against a KL (`kl_field`): one sweep `-m algo=ppo,grpo lr=... kl_coef=...` covers them all."""
+    target = cfg.algo if cfg.stage == "all" else cfg.stage
+    cls = get_stage(target)
+    if cls.kl_field is None or cfg.get(target) is None:
+        return
+    with open_dict(cfg):
+        if cfg.get("lr") is not None:
+            cfg[target].lr = cfg.lr
+        if cfg.get("kl_coef") is not None:
+            cfg[target][cls.kl_field] = cfg.kl_coef
+
+
+def _reward_config(cfg: DictConfig):
+    return cfg.get("reward") or RewardConfig()
+
+
+def _given_by_user(cfg: DictConfig, stage: str, need: str) -> bool:
+    if need == "policy":
+        return cfg[stage].get("policy_path") is not None
+    if need == "reward":  # a reward model path or reward functions: no rm stage to run
+        rc = _reward_config(cfg)
+        return rc.get("model_path") is not None or rc.get("fn") is not None
+    return False
+
+
+def _producer(need: str) -> str:
+    """The stage that makes `need` from nothing (SFT for a policy, RM for a reward)."""
+    for name, cls in stages().items():
+        if cls.produces == need and need not in cls.needs:
+            return name
+    raise ConfigError(f"no stage produces {need!r}")
 
 
 def plan_stages(cfg: DictConfig) -> list[str]:
-    if cfg.stage == "all":
-        return [s for s in STAGES if cfg.get(CONFIG_KEY[s]) is not None]
-    if cfg.stage not in STAGES:
-        raise ConfigError(f"stage={cfg.stage!r}: expected one of all, {', '.join(STAGES)}")
-    if cfg.get(CONFIG_KEY[cfg.stage]) is None:
-        raise ConfigError(f"stage={cfg.stage}: no '{CONFIG_KEY[cfg.stage]}' config group selected")
-    return [cfg.stage]
+    """`stage=all`: `algo` and every stage it needs (or uses), unless a path or reward.fn provides it."""
+    known = stages()
+    algo = cfg.get("algo")
+    if algo not in known:
+        raise ConfigError(f"algo={algo}: unknown algorithm; expected one of {', '.join(known)}")
+    if cfg.stage != "all":
+        if cfg.stage not in known:
+            raise ConfigError(f"stage={cfg.stage}: unknown stage; expected all or one of {', '.join(known)}")
+        return [cfg.stage]
+    plan: list[str] = []
+
+    def add(name: str) -> None:
+        cls = known[name]
+        for need in (*cls.needs, *cls.uses):
+            if not _given_by_user(cfg, name, need):
+                add(_producer(need))
+        if name not in plan:
+            plan.append(name)
+
+    add(algo)
+    return sorted(plan, key=list(known).index)
 
 
 def stage_config(cfg: DictConfig, stage: str):
-    node = cfg[CONFIG_KEY[stage]]
-    cls = get_class(node._target_)
-    return cls, cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), CONFIG_KEY[stage])
+    cls = get_stage(stage)
+    node = cfg.get(stage)
+    if node is None:
+        raise ConfigError(f"stage {stage}: no '{stage}' settings in the config")
+    return cls, cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), stage)
 
 
-def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool = False) -> dict:
-    """All checks that need no model: returns the validated stage configs."""
+def build_stage(cfg: DictConfig, stage: str, inputs: Inputs, conf=None):
+    """The stage's LightningModule from the composed config: its typed settings, the model config, its inputs."""
+    cls, parsed = stage_config(cfg, stage)
+    return cls(conf or parsed, ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)), inputs)
+
+
+@dataclass
+class RewardPlan:
+    """The reward online stages get: a reward model path (or this run's RM), and loaded functions."""
+    spec: object
+    fns: object
+
+
+def check_inputs(cfg: DictConfig, plan: list[str], confs: dict) -> RewardPlan | None:
+    """Every stage's needs are met by an earlier stage of the plan or by a path, reward model paths
+    and reward functions load: one line before any model is built."""
+    known = stages()
+    produced = set()
+    reward = None
+    for name in plan:
+        cls, conf = known[name], confs[name]
+        path = getattr(conf, "policy_path", None)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{name}.policy_path '{path}' has no config.json (not a saved model)")
+        for need in cls.needs:
+            if need == "policy" and (path is not None or "policy" in produced or cfg.model.get("name_or_path")
+                                     or cfg.model.get("arch")):
+                continue  # a policy path, an earlier stage's export, or the model config's own weights
+            if need == "reward":
+                try:
+                    spec = sources(_reward_config(cfg), has_rm_stage="reward" in produced)
+                except ConfigError as e:
+                    raise ConfigError(f"{name}: {e}") from None
+                if spec.model_path is not None:
+                    try:
+                        check_reward_model(spec.model_path)
+                    except (FileNotFoundError, ValueError) as e:
+                        raise ConfigError(f"reward.model_path: {e}") from None
+                reward = RewardPlan(spec, load_functions(spec))
+                continue
+            if need not in produced:
+                raise ConfigError(f"{name} needs a {need}, which no earlier stage of {' -> '.join(plan)} produces")
+        if cls.produces:
+            produced.add(cls.produces)
+    return reward
+
+
+def preflight(cfg: DictConfig, plan: list[str], run_dir: Path, resuming: bool = False) -> tuple[dict, RewardPlan | None]:
+    """All checks that need no model: returns the validated stage configs and the reward plan."""
     mc = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     if mc.name_or_path and mc.name_or_path.startswith(("/", "./", "../", "~")) \
             and not Path(mc.name_or_path).expanduser().is_dir():
@@ -60,15 +164,12 @@ def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool 
     steps = cfg.trainer.get("max_steps")
     if steps is not None and steps <= 0:
         raise ConfigError(f"trainer.max_steps must be > 0, got {steps}")
-    if "ppo" in stages and cfg.trainer.get("gradient_clip_val"):
-        raise ConfigError("trainer.gradient_clip_val: the PPO stage steps its optimizer itself, where Lightning "
-                          "clips nothing; use algo.max_grad_norm for PPO, or run stage=sft / stage=rm alone")
     confs = {}
-    for s in stages:
+    for s in plan:
         cls, conf = stage_config(cfg, s)
-        if hasattr(cls, "preflight"):
-            cls.preflight(conf, stages)
+        cls.preflight(conf, plan, cfg)
         confs[s] = conf
+    reward = check_inputs(cfg, plan, confs)
     if resuming and not (run_dir / "config.yaml").is_file():
         raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
     if not resuming and (run_dir / "summary.json").exists():
@@ -86,7 +187,7 @@ def preflight(cfg: DictConfig, stages: list[str], run_dir: Path, resuming: bool 
     if free < need:
         raise UserError(f"output directory {run_dir} has {free:.1f} GiB free, paths.min_free_gb={need:g} "
                         "(checkpoints and exports need the room; free space or lower the setting)")
-    return confs
+    return confs, reward
 
 
 class _DropTips(logging.Filter):
@@ -128,29 +229,25 @@ def _instantiate_dict(node) -> list:
 
 
 def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, artifacts: dict, run_dir: Path,
-              resuming: bool = False) -> dict:
+              resuming: bool = False, reward: RewardPlan | None = None) -> dict:
     from rlhf.data import PreferenceDataModule
 
+    cls = get_stage(stage)
     stage_dir = run_dir / stage
     scfg = cfg.copy()
     with open_dict(scfg):
         scfg.stage_dir = str(stage_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    node = scfg[CONFIG_KEY[stage]]
-    cls = get_class(node._target_)
-    dm = PreferenceDataModule(splits, tokenizer, cls.data_mode, conf.batch_size, conf.max_prompt_length,
-                              conf.max_response_length, seed=cfg.seed)
-    try:
-        module = instantiate(node, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
-                             **cls.init_kwargs(conf, artifacts, tokenizer, cfg))
-    except InstantiationException as e:  # Hydra wraps errors from __init__: show ours as the one line they are
-        if isinstance(e.__cause__, UserError):
-            raise e.__cause__ from None
-        raise
-    if hasattr(module, "gold"):
-        module.gold = getattr(source, "gold", None)  # ground truth is known on synthetic data only
+    dm = PreferenceDataModule(splits, tokenizer, cls.data_mode, getattr(conf, "loader_batch_size", conf.batch_size),
+                              conf.max_prompt_length, conf.max_response_length, seed=cfg.seed)
+    inputs = Inputs(policy=getattr(conf, "policy_path", None) or artifacts.get("policy"),
+                    pad_token_id=tokenizer.pad_token_id, gold=getattr(source, "gold", None))
+    if "reward" in cls.needs and reward is not None:
+        inputs.reward_model = reward.spec.model_path or (artifacts.get("reward") if reward.spec.use_rm_stage else None)
+        inputs.reward_fns, inputs.reward_model_weight = reward.fns, reward.spec.model_weight
+    module = build_stage(cfg, stage, inputs, conf)
     steps = cfg.trainer.get("max_steps") or conf.max_steps
-    per_batch = getattr(module, "optimizer_steps_per_batch", 1)  # PPO steps its optimizer E*M times a batch
+    per_batch = module.optimizer_steps_per_batch  # PPO steps its optimizer E*M times a batch
     callbacks = _instantiate_dict(scfg.get("callbacks"))
     for cb in callbacks:
         if isinstance(cb, pl.callbacks.ModelCheckpoint) and cb._every_n_train_steps:
@@ -230,7 +327,7 @@ def rank_weight_mismatch(trainer, module) -> float:
 
 def log_hparams(trainer, cfg: DictConfig, stage: str, result: dict) -> None:
     """Hyperparameters next to the stage's final numbers: TensorBoard's HParams tab compares sweep runs."""
-    node = OmegaConf.to_container(cfg[CONFIG_KEY[stage]], resolve=True)
+    node = OmegaConf.to_container(cfg[stage], resolve=True)
     params = {f"{stage}/{k}": v for k, v in node.items() if isinstance(v, (int, float, str, bool)) and not k.startswith("_")}
     params.update(model=cfg.model.name, seed=cfg.seed)
     metrics = {f"final/{k}": float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -249,13 +346,15 @@ def train(cfg: DictConfig) -> dict:
     quiet_console()
     run_dir = Path(cfg.paths.output_dir)
     resuming = bool(cfg.get("resume"))
-    stages = plan_stages(cfg)
-    confs = preflight(cfg, stages, run_dir, resuming)
+    plan = plan_stages(cfg)
+    apply_root_settings(cfg)
+    confs, reward = preflight(cfg, plan, run_dir, resuming)
     # The resolved config beside the outputs: evaluate/serve/generate read it, with or without Hydra.
     saved = cfg.copy()
     saved.paths.output_dir = str(run_dir)  # per-stage interpolations (${stage_dir}) stay live for resume
     OmegaConf.save(saved, run_dir / "config.yaml")
     config = OmegaConf.to_container(cfg, resolve=True)  # the same dict, for the model cards
+    config["plan"] = plan
     source = instantiate(cfg.data)
     splits = source.load()  # reads and validates every data file before any model exists
     overlap = prompt_overlap(splits)
@@ -264,26 +363,31 @@ def train(cfg: DictConfig) -> dict:
                     "measures recall, not generalisation", overlap["eval_prompts_in_train"],
                     overlap["distinct_eval_prompts"])
     tokenizer = load_tokenizer(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
-    summary: dict = {"run_dir": str(run_dir), "stages": {}, "model": cfg.model.name,
+    summary: dict = {"run_dir": str(run_dir), "algo": cfg.algo, "stages": {}, "model": cfg.model.name,
                      "data": cfg.data._target_.rsplit(".", 1)[-1], "seed": cfg.seed, **overlap}
     if resuming and (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())
     artifacts: dict = {}
-    for stage in stages:
+    summary["plan"] = plan
+    for stage in plan:
         t0 = time.time()
+        produces = get_stage(stage).produces
         if resuming and stage in summary["stages"]:
-            artifacts[stage] = summary["stages"][stage].get("model_dir")
+            if produces:
+                artifacts[produces] = summary["stages"][stage].get("model_dir")
             print(f"stage {stage} already finished in {run_dir}; skipping it")
             continue
-        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming)
+        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming, reward)
+        if produces:  # later stages start from this export
+            artifacts[produces] = result.get("model_dir")
         if "rank" in result:  # non-zero DDP ranks: only rank 0 writes summaries and cards
-            artifacts[stage] = result["model_dir"]
             continue
-        artifacts[stage] = result.get("model_dir")
         summary["stages"][stage] = result
         if result.get("model_dir"):  # a Hugging Face model card beside each export
             write_model_card(result["model_dir"], stage, config, result)
-        summary.update({k: v for k, v in result.items() if k in HEADLINE})
+        summary.update({k: v for k, v in result.items() if k in get_stage(stage).headline})
+        # What a sweep compares across algorithms beside the results: the run's memory high-water mark.
+        summary["peak_rss_mb"] = max(r.get("peak_rss_mb") or 0 for r in summary["stages"].values())
         summary["seconds"] = round(time.time() - start, 1)
         write_summary(run_dir, summary)
         print_stage_summary(stage, result, time.time() - t0)
@@ -313,8 +417,3 @@ def resume_config(run_dir: str, overrides: list[str]) -> DictConfig:
     cfg.paths.output_dir = str(run_dir)
     cfg.resume = str(run_dir)
     return cfg
-
-
-# Numbers a sweep compares: lifted from stage results to the top of summary.json.
-HEADLINE = {"sft_val_loss", "rm_accuracy", "gold_reward_before", "gold_reward_after", "gold_win_rate",
-            "kl_final", "reward_before", "reward_after", "rm_win_rate"}

@@ -191,7 +191,7 @@ class RLHFServer(ThreadingHTTPServer):
 
 
 def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_new_tokens_limit: int = 256,
-                max_body_bytes: int = 65536, device: str = "cpu") -> RLHFServer:
+                max_body_bytes: int = 65536, device: str = "cpu", stage: str | None = None) -> RLHFServer:
     """Load the run's models, then bind (port 0 = any free port). Call serve_forever() to serve.
 
     The models load here, not on the first request, so a broken export fails at start-up and
@@ -199,7 +199,7 @@ def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_new_t
     """
     from rlhf.inference import RunArtifacts  # torch + transformers: not needed for --help
 
-    artifacts = RunArtifacts(run_dir, device=device)
+    artifacts = RunArtifacts(run_dir, device=device, stage=stage)
     artifacts.policy, artifacts.tokenizer  # noqa: B018 - cached_property: touching them loads them
     if artifacts.reward_dir is not None:
         artifacts.reward_model, artifacts.reward_tokenizer  # noqa: B018
@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens-limit", type=positive_int, default=256, help="largest max_new_tokens accepted")
     p.add_argument("--max-body-bytes", type=positive_int, default=65536, help="largest request body accepted")
     p.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    p.add_argument("--stage", default=None, help="the policy to serve: a stage of the run that produces one "
+                   "(default: its last, e.g. ppo, grpo or dpo)")
     args = p.parse_args(argv)
     if not is_loopback(args.host):
         print(f"warning: binding {args.host}: the API has no authentication, so anyone who can reach "
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     try:
         server = make_server(args.run_dir, args.host, args.port, max_new_tokens_limit=args.max_new_tokens_limit,
-                             max_body_bytes=args.max_body_bytes, device=args.device)
+                             max_body_bytes=args.max_body_bytes, device=args.device, stage=args.stage)
     except (UserError, OSError) as e:  # OSError: unreadable export, or the port is taken
         print(f"error: {e}".splitlines()[0], file=sys.stderr)
         return 1

@@ -18,7 +18,7 @@ from rlhf.config import register_configs
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
 
-register_configs()  # the typed schemas behind conf/algo and conf/model, as train.py does
+register_configs()  # the typed schemas behind conf/stages, conf/reward and conf/model, as train.py does
 
 # Test-wide overrides: no progress bar, no end-of-run analysis report (plots cost seconds).
 BASE_OVERRIDES = ["callbacks.progress_bar.refresh_rate=0", "++callbacks.analysis_report=null"]
@@ -28,7 +28,7 @@ TINY_DATA = ["data.n_pairs=300"]
 TINY_SFT = ["sft.batch_size=4", "sft.warmup_steps=2", "sft.max_response_length=24", "sft.val_batches=1"]
 TINY_RM = ["rm.batch_size=8", "rm.warmup_steps=1", "rm.max_response_length=24", "rm.val_batches=1",
            "rm.normalize_samples=64"]
-TINY_PPO = ["algo.batch_size=8", "algo.response_length=8", "algo.eval_prompts=8", "algo.max_prompt_length=48"]
+TINY_PPO = ["ppo.batch_size=8", "ppo.response_length=8", "ppo.eval_prompts=8", "ppo.max_prompt_length=48"]
 
 SFT_STEPS = 40
 RM_STEPS = 5
@@ -47,11 +47,11 @@ def compose_cfg():
 
 @pytest.fixture(scope="session")
 def trained_artifacts(tmp_path_factory):
-    """One tiny run of SFT then RM (PPO deselected with ~algo); returns paths and the summary."""
+    """One tiny run of SFT then RM (algo=rm: SFT then RM); returns paths and the summary."""
     from rlhf.pipeline import train
 
     run = tmp_path_factory.mktemp("artifacts") / "run"
-    cfg = compose_train(run, "stage=all", "~algo", *TINY_DATA, *TINY_SFT, *TINY_RM,
+    cfg = compose_train(run, "stage=all", "algo=rm", *TINY_DATA, *TINY_SFT, *TINY_RM,
                         f"sft.max_steps={SFT_STEPS}", f"rm.max_steps={RM_STEPS}")
     summary = train(cfg)
     assert set(summary["stages"]) == {"sft", "rm"}

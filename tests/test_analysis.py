@@ -139,7 +139,7 @@ def _sweep(tmp_path, failed_job="1"):
     (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
     for job, lr in zip("012", ("1e-05", "3e-05", "1e-04")):
         (root / job / ".hydra").mkdir(parents=True)
-        (root / job / ".hydra" / "overrides.yaml").write_text(f"- lr={lr}\n- algo.kl_coef=0.05\n- +tag=run{job}\n")
+        (root / job / ".hydra" / "overrides.yaml").write_text(f"- lr={lr}\n- kl_coef=0.05\n- +tag=run{job}\n")
         (root / job / "ppo").mkdir()
         if job == failed_job:
             (root / job / "ppo" / "metrics.csv").write_text("")
@@ -153,7 +153,7 @@ def test_load_sweep_adds_run_and_override_columns(tmp_path):
     assert failed == ["1"] and "empty" in df.attrs["failed_jobs"]["1"]
     assert df["run"].unique().tolist() == ["0", "2"]
     assert df.groupby("run")["lr"].first().to_dict() == {"0": 1e-05, "2": 1e-04}
-    assert (df["algo.kl_coef"] == 0.05).all() and df.groupby("run")["tag"].first()["2"] == "run2"
+    assert (df["kl_coef"] == 0.05).all() and df.groupby("run")["tag"].first()["2"] == "run2"
 
 
 @pytest.mark.parametrize("case", ["missing_column", "empty_file", "header_only", "no_logs_dir", "non_numeric",

@@ -39,10 +39,10 @@ def make_multirun(root):
     """3 jobs: 0 healthy (lr=1e-05), 1 failed (no metrics.csv), 2 collapsing (lr=1e-04)."""
     root.mkdir(parents=True)
     (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
-    make_run(root / "0", seed=0, overrides=("lr=1e-05", "algo.kl_coef=0.05"))
+    make_run(root / "0", seed=0, overrides=("lr=1e-05", "kl_coef=0.05"))
     (root / "1" / ".hydra").mkdir(parents=True)
-    (root / "1" / ".hydra" / "overrides.yaml").write_text("- lr=3e-05\n- algo.kl_coef=0.05\n")
-    make_run(root / "2", seed=1, collapse_from=90, overrides=("lr=1e-04", "algo.kl_coef=0.05"))
+    (root / "1" / ".hydra" / "overrides.yaml").write_text("- lr=3e-05\n- kl_coef=0.05\n")
+    make_run(root / "2", seed=1, collapse_from=90, overrides=("lr=1e-04", "kl_coef=0.05"))
     return root
 
 

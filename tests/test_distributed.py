@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from rlhf.algorithms.ppo import masked_whiten
+from rlhf.algorithms.core import masked_whiten
 from rlhf.data.sampler import ResumableShuffleSampler
 from rlhf.pipeline import resume_config, train
 from rlhf.stages.ppo import PPOModule
@@ -75,7 +75,7 @@ def test_ddp_two_cpu_processes_every_stage_identical_weights(tmp_path):
     run = tmp_path / "run"
     out = subprocess.run(
         [sys.executable, "train.py", "debug=fast", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-         "algo.max_steps=3", f"paths.output_dir={run}", "callbacks.progress_bar.refresh_rate=0",
+         "ppo.max_steps=3", f"paths.output_dir={run}", "callbacks.progress_bar.refresh_rate=0",
          "~callbacks.analysis_report"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -98,9 +98,9 @@ class Killed(RuntimeError):
 
 def test_resumed_ppo_ends_with_the_weights_of_an_uninterrupted_run(trained_artifacts, tmp_path, monkeypatch):
     """Optimizer, scheduler, KL controller, data position and sampling RNG all come back."""
-    common = ["stage=ppo", f"algo.policy_path={trained_artifacts['sft']}",
-              f"algo.reward_model_path={trained_artifacts['rm']}", *TINY_DATA, *TINY_PPO,
-              "algo.max_steps=6", "algo.adaptive_kl=true", "callbacks.model_checkpoint.every_n_train_steps=3",
+    common = ["stage=ppo", f"ppo.policy_path={trained_artifacts['sft']}",
+              f"reward.model_path={trained_artifacts['rm']}", *TINY_DATA, *TINY_PPO,
+              "ppo.max_steps=6", "ppo.adaptive_kl=true", "callbacks.model_checkpoint.every_n_train_steps=3",
               "data.n_pairs=40"]  # 32 training prompts: 4 updates per epoch, so the resume is mid-epoch 1
     weights = {}
     orig_finish = PPOModule.finish
@@ -144,7 +144,7 @@ def test_resumed_ppo_ends_with_the_weights_of_an_uninterrupted_run(trained_artif
 # ----------------------------------------------------------------------------- bf16
 def test_bf16_mixed_runs_every_stage_on_cpu(tmp_path):
     run = tmp_path / "run"
-    summary = train(compose_train(run, "debug=fast", "trainer.precision=bf16-mixed", "algo.max_steps=2"))
+    summary = train(compose_train(run, "debug=fast", "trainer.precision=bf16-mixed", "ppo.max_steps=2"))
     assert set(summary["stages"]) == {"sft", "rm", "ppo"}
     assert math.isfinite(summary["stages"]["ppo"]["kl_final"])  # the end-of-PPO evaluation ran under autocast
     assert 0 < summary["stages"]["sft"]["sft_val_loss"] < 20
@@ -193,9 +193,9 @@ def test_nan_loss_stops_ppo_and_keeps_checkpoint_and_logs(trained_artifacts, tmp
 
     monkeypatch.setattr(ppo_math, "policy_loss", poisoned)
     run = tmp_path / "run"
-    cfg = compose_train(run, "stage=ppo", f"algo.policy_path={trained_artifacts['sft']}",
-                        f"algo.reward_model_path={trained_artifacts['rm']}", *TINY_DATA, *TINY_PPO,
-                        "algo.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2")
+    cfg = compose_train(run, "stage=ppo", f"ppo.policy_path={trained_artifacts['sft']}",
+                        f"reward.model_path={trained_artifacts['rm']}", *TINY_DATA, *TINY_PPO,
+                        "ppo.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=2")
     with pytest.raises(UserError, match=r"^non-finite loss at PPO step 3: stopping"):
         train(cfg)
     ckpt = torch.load(run / "ppo" / "checkpoints" / "last.ckpt", weights_only=True)

@@ -51,7 +51,7 @@ def test_default_run_learns(tmp_path, precision):
 def test_multirun_sweep_then_analysis(tmp_path):
     """`python train.py -m ...` runs a grid under one sweep dir; `python -m analysis` compares it."""
     sweep = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "train.py", "-m", "debug=fast", "lr=1e-4,3e-4", "algo.kl_coef=0.02,0.1",
+    proc = subprocess.run([sys.executable, "train.py", "-m", "debug=fast", "lr=1e-4,3e-4", "kl_coef=0.02,0.1",
                            f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
@@ -61,7 +61,7 @@ def test_multirun_sweep_then_analysis(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     assert len(rows) == 4
-    grid = {(float(r["params"]["lr"]), float(r["params"]["algo.kl_coef"])) for r in rows}
+    grid = {(float(r["params"]["lr"]), float(r["params"]["kl_coef"])) for r in rows}
     assert grid == {(1e-4, 0.02), (1e-4, 0.1), (3e-4, 0.02), (3e-4, 0.1)}
     for r in rows:
         df = pd.read_csv(sweep / str(r["run"]) / "ppo" / "metrics.csv")

@@ -13,8 +13,8 @@ from rlhf.model_card import front_matter, write_model_card
 
 # debug=fast, trimmed further: the run only has to exist, not to learn.
 FAST_RUN = ["debug=fast", "sft.batch_size=4", "sft.val_batches=1", "rm.batch_size=8", "rm.val_batches=1",
-            "rm.normalize_samples=64", "algo.max_steps=1", "algo.num_ppo_epochs=1", "algo.response_length=8",
-            "algo.eval_prompts=8"]
+            "rm.normalize_samples=64", "ppo.max_steps=1", "ppo.num_ppo_epochs=1", "ppo.response_length=8",
+            "ppo.eval_prompts=8"]
 PAIRED = ("reward", "gold", "length", "distinct_1", "distinct_2")
 
 
@@ -122,6 +122,17 @@ def test_missing_export_is_one_error_line(tmp_path, capsys):
     assert err.startswith("error:") and "export" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_stage_flag_picks_the_policy_and_names_the_choices(run, capsys):
+    from rlhf.inference import RunArtifacts
+
+    assert RunArtifacts(run).stage == "ppo" and RunArtifacts(run, stage="sft").policy_dir == run / "sft" / "model"
+    assert ev.main([str(run), "--stage", "rm", "--no-card"]) == 1  # a reward model is no policy
+    err = capsys.readouterr().err
+    assert err.startswith("error: --stage rm: not a stage that produces a policy (one of sft, ")
+    assert ev.main([str(run), "--stage", "grpo", "--no-card"]) == 1  # this run has no grpo stage
+    assert "no policy export found (looked for grpo/model)" in capsys.readouterr().err
+
+
 # ----- model cards -----
 
 def _front_matter(text):
@@ -132,8 +143,9 @@ def _front_matter(text):
 def test_model_card_has_stage_hyperparameters_and_metrics(tmp_path):
     config = {"seed": 7, "model": {"name": "gpt2", "name_or_path": "gpt2"},
               "data": {"_target_": "rlhf.data.HHRLHF", "path": "Anthropic/hh-rlhf", "max_pairs": 500},
-              "algo": {"_target_": "rlhf.stages.ppo.PPOModule", "lr": 3e-5, "kl_coef": 0.07, "batch_size": 16,
-                       "response_length": 64, "temperature": 0.7, "eval_prompts": 200},
+              "algo": "ppo", "plan": ["sft", "rm", "ppo"],
+              "ppo": {"lr": 3e-5, "kl_coef": 0.07, "batch_size": 16,
+                      "response_length": 64, "temperature": 0.7, "eval_prompts": 200},
               "trainer": {"precision": "bf16-mixed"}}
     metrics = {"reward_after": 1.25, "kl_final": 3.5, "model_dir": "/x/ppo/model", "samples": [{"a": 1}]}
     evaluation = {"prompts": 16, "reward_policy": 0.8125, "reward_sft": 0.125, "rm_win_rate": 0.6875,
@@ -145,6 +157,8 @@ def test_model_card_has_stage_hyperparameters_and_metrics(tmp_path):
     assert meta["library_name"] == "transformers" and meta["tags"] == ["rlhf", "ppo"]
     assert meta["base_model"] == "gpt2" and meta["datasets"] == ["Anthropic/hh-rlhf"]
     assert "`ppo`" in text and "**Seed:** 7" in text
+    assert text.splitlines()[text.splitlines().index("---", 1) + 2].startswith("# PPO policy")  # title from the registry
+    assert "(sft -> rm -> ppo)" in text and "Huang et al. 2024" in text  # the run's plan; the stage's paper
     for row in ("| lr | 3e-05 |", "| kl_coef | 0.07 |", "| batch_size | 16 |", "| temperature | 0.7 |",
                 "| precision | bf16-mixed |", "| reward_after | 1.25 |", "| kl_final | 3.5 |",
                 "| reward-model score (mean) | 0.8125 | 0.125 |", "| win rate vs SFT (reward model) | 0.6875 |  |"):
@@ -154,7 +168,8 @@ def test_model_card_has_stage_hyperparameters_and_metrics(tmp_path):
 
 
 def test_model_card_never_fails_on_missing_keys(tmp_path):
-    for stage, config in (("sft", {}), ("rm", None), ("ppo", {"model": None, "data": {}, "algo": "?"})):
+    for stage, config in (("sft", {}), ("rm", None), ("ppo", {"model": None, "data": {}, "ppo": "?"}),
+                          ("grpo", {"reward": None}), ("nonesuch", {})):
         text = write_model_card(tmp_path / stage, stage, config, None).read_text()
         meta = _front_matter(text)
         assert meta["tags"] == ["rlhf", stage] and "base_model" not in meta and "datasets" not in meta

@@ -11,7 +11,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from rlhf.algorithms.ppo import logprobs_from_logits
+from rlhf.algorithms.core import logprobs_from_logits
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoRAConfig, add_lora, adapter_disabled, has_lora
 from rlhf.models.sampling import response_logits, sample
@@ -137,15 +137,15 @@ def test_rm_with_lora_trains_adapter_and_score_head(tmp_path):
 
 # ----------------------------------------------------------------------------- PPO
 def _ppo(artifacts, run, *extra: str) -> tuple[dict, PPOModule, dict]:
-    cfg = compose_train(run, "stage=ppo", f"algo.policy_path={artifacts['sft']}",
-                        f"algo.reward_model_path={artifacts['rm']}", *TINY_DATA, *TINY_PPO, *extra)
+    cfg = compose_train(run, "stage=ppo", f"ppo.policy_path={artifacts['sft']}",
+                        f"reward.model_path={artifacts['rm']}", *TINY_DATA, *TINY_PPO, *extra)
     return _train_keeping(cfg, PPOModule)
 
 
 @pytest.fixture(scope="module")
 def lora_ppo(trained_artifacts, tmp_path_factory):
     run = tmp_path_factory.mktemp("lora_ppo") / "run"
-    summary, module, before = _ppo(trained_artifacts, run, *LORA, "algo.max_steps=2")
+    summary, module, before = _ppo(trained_artifacts, run, *LORA, "ppo.max_steps=2")
     return {"run": run, "summary": summary, "module": module, "before": before}
 
 
@@ -193,7 +193,7 @@ def _held_bytes(module) -> tuple[int, int]:
 
 
 def test_lora_saves_memory_in_ppo(lora_ppo, trained_artifacts, tmp_path):
-    _, full, _ = _ppo(trained_artifacts, tmp_path / "run", "algo.max_steps=1")
+    _, full, _ = _ppo(trained_artifacts, tmp_path / "run", "ppo.max_steps=1")
     assert full.ref_policy is not None
     policy_copy = sum(p.numel() * p.element_size() for p in full.ref_policy.parameters())
     (fp, fs), (lp, ls) = _held_bytes(full), _held_bytes(lora_ppo["module"])

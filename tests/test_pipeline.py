@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from rlhf.data import DataError
 from rlhf.errors import ConfigError, UserError
-from rlhf.pipeline import train
+from rlhf.pipeline import apply_root_settings, plan_stages, train
+from rlhf.stages import stages
 
 from conftest import REPO, RM_STEPS, SFT_STEPS, TINY_DATA, TINY_RM, compose_train
 
@@ -25,20 +26,21 @@ from conftest import REPO, RM_STEPS, SFT_STEPS, TINY_DATA, TINY_RM, compose_trai
 def test_default_config_composes(compose_cfg, tmp_path):
     cfg = compose_cfg(tmp_path)
     assert cfg.stage == "all"
-    assert cfg.algo._target_ == "rlhf.stages.ppo.PPOModule"
-    assert cfg.sft._target_ == "rlhf.stages.sft.SFTModule"
-    assert cfg.rm._target_ == "rlhf.stages.reward_model.RewardModelModule"
+    assert cfg.algo == "ppo" and set(stages()) >= {"sft", "rm", "ppo"}
+    assert {"sft", "rm", "ppo"} <= set(cfg)  # every stage's settings under its own name
     assert cfg.model.name == "tiny"
     assert cfg.paths.output_dir == str(tmp_path)
 
-    cfg = compose_cfg(tmp_path, "lr=1e-5", "seed=7")
-    assert cfg.algo.lr == pytest.approx(1e-5)
+    cfg = compose_cfg(tmp_path, "lr=1e-5", "kl_coef=0.02", "seed=7")
+    apply_root_settings(cfg)
+    assert cfg.ppo.lr == pytest.approx(1e-5) and cfg.ppo.kl_coef == pytest.approx(0.02)
     assert cfg.data.seed == 7
 
     cfg = compose_cfg(tmp_path, "model=gpt2", "lr=3e-5", "stage=ppo")
+    apply_root_settings(cfg)
     assert cfg.model.name_or_path == "gpt2"
     assert cfg.model.tokenizer == "gpt2"
-    assert cfg.algo.lr == pytest.approx(3e-5)
+    assert cfg.ppo.lr == pytest.approx(3e-5)
     assert cfg.stage == "ppo"
 
 
@@ -55,23 +57,33 @@ def no_models(monkeypatch):
         raise AssertionError("a model was built before the config was validated")
 
     monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
-    import rlhf.stages.ppo
-    import rlhf.stages.reward_model
-    import rlhf.stages.sft
+    import rlhf.models.causal_lm
+    import rlhf.models.reward
 
-    for mod, name in ((rlhf.stages.sft, "load_causal_lm"), (rlhf.stages.ppo, "load_causal_lm"),
-                      (rlhf.stages.ppo, "load_reward_model"), (rlhf.stages.reward_model, "load_reward_model")):
-        monkeypatch.setattr(mod, name, refuse)
+    for mod in (rlhf.models.causal_lm, rlhf.models.reward):  # where every stage's models come from
+        for name in ("load_causal_lm", "load_reward_model"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, refuse)
+    for name, module in sys.modules.copy().items():  # and the names the stage modules imported
+        if name.startswith("rlhf.stages."):
+            for fn in ("load_causal_lm", "load_reward_model"):
+                if hasattr(module, fn):
+                    monkeypatch.setattr(module, fn, refuse)
 
 
 BAD_VALUES = [
-    (["lr=-1"], r"algo: .*\blr\b"),
+    (["lr=-1"], r"ppo: .*\blr\b"),
     (["sft.batch_size=0"], r"sft: .*\bbatch_size\b"),
-    (["algo.num_mini_batches=3"], r"algo: .*\bnum_mini_batches\b"),
-    (["algo.response_length=0"], r"algo: .*\bresponse_length\b"),
-    (["algo.kl_coef=-0.1"], r"algo: .*\bkl_coef\b"),
-    (["stage=ppo", "algo.reward_model_path=/nonexistent"], r"algo\.reward_model_path.*/nonexistent"),
-    (["trainer.gradient_clip_val=1.0"], r"trainer\.gradient_clip_val.*algo\.max_grad_norm"),
+    (["ppo.num_mini_batches=3"], r"ppo: .*\bnum_mini_batches\b"),
+    (["ppo.response_length=0"], r"ppo: .*\bresponse_length\b"),
+    (["kl_coef=-0.1"], r"ppo: .*\bkl_coef\b"),
+    (["stage=ppo", "reward.model_path=/nonexistent"], r"reward\.model_path.*/nonexistent"),
+    (["trainer.gradient_clip_val=1.0"], r"trainer\.gradient_clip_val.*ppo\.max_grad_norm"),
+    (["algo=nonesuch"], r"^algo=nonesuch: unknown algorithm; expected one of sft, rm, .*ppo"),
+    (["stage=nonesuch"], r"^stage=nonesuch: unknown stage; expected all or one of sft, rm, .*ppo"),
+    (["stage=ppo"], r"^ppo: no reward source: set reward\.fn=.*reward\.model_path=DIR"),
+    (["reward.fn=no_such_module.fn"], r"reward\.fn.*no_such_module"),
+    (["reward.fn=rlhf.rewards.synthetic_gold", "reward.weights=[1,2]"], r"reward\.weights has 2 entries for 1"),
 ]
 
 
@@ -87,8 +99,8 @@ def test_bad_values_rejected_before_any_model(no_models, tmp_path, overrides, pa
 
 def test_causal_lm_export_is_not_a_reward_model(trained_artifacts, no_models, tmp_path):
     run = tmp_path / "run"
-    cfg = compose_train(run, "stage=ppo", f"algo.reward_model_path={trained_artifacts['sft']}")
-    with pytest.raises(ConfigError, match=r"algo\.reward_model_path.*not a reward model"):
+    cfg = compose_train(run, "stage=ppo", f"reward.model_path={trained_artifacts['sft']}")
+    with pytest.raises(ConfigError, match=r"reward\.model_path.*not a reward model"):
         train(cfg)
     assert not (run / "ppo").exists()
 

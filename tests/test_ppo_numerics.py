@@ -11,23 +11,22 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import transformers
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from rlhf.algorithms.ppo import truncate_after_stop
+from rlhf.algorithms.core import truncate_after_stop
 from rlhf.models.reward import token_values
 from rlhf.models.sampling import response_logits, sample
 from rlhf.stages.common import adamw, clip_each
+from rlhf.pipeline import build_stage
+from rlhf.stages import Inputs
 from rlhf.stages.ppo import PPOModule
 
 from conftest import TINY_DATA, TINY_PPO, compose_train
 
 
 def _module(artifacts, tmp_path, *extra, reward_init=None) -> PPOModule:
-    cfg = compose_train(tmp_path, "stage=ppo", f"algo.policy_path={artifacts['sft']}",
-                        f"algo.reward_model_path={reward_init or artifacts['rm']}", *TINY_DATA, *TINY_PPO, *extra)
-    return instantiate(cfg.algo, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
-                       policy_init=str(artifacts["sft"]), reward_init=str(reward_init or artifacts["rm"]))
+    cfg = compose_train(tmp_path, "stage=ppo", f"ppo.policy_path={artifacts['sft']}",
+                        f"reward.model_path={reward_init or artifacts['rm']}", *TINY_DATA, *TINY_PPO, *extra)
+    return build_stage(cfg, "ppo", Inputs(policy=str(artifacts["sft"]), reward_model=str(reward_init or artifacts["rm"])))
 
 
 def _rm_with_normalisation(artifacts, tmp_path, mean: float, std: float):
@@ -109,8 +108,8 @@ def test_bf16_update_with_sdpa_starts_at_ratio_one(trained_artifacts, tmp_path):
     and 1-2% of tokens started outside the 0.2 clip (sdpa's cached decode and full forward round
     differently). With the heads in fp32 the gap is float noise.
     """
-    module = _module(trained_artifacts, tmp_path, "model.attn_implementation=sdpa", "algo.num_ppo_epochs=1",
-                     "algo.num_mini_batches=1", "algo.batch_size=32", "algo.response_length=16")
+    module = _module(trained_artifacts, tmp_path, "model.attn_implementation=sdpa", "ppo.num_ppo_epochs=1",
+                     "ppo.num_mini_batches=1", "ppo.batch_size=32", "ppo.response_length=16")
     _gpt2_like_logits(module.policy)
     _gpt2_like_logits(module.ref_policy)
     from rlhf.data import PreferenceDataModule, SyntheticPreferences
@@ -165,7 +164,7 @@ def test_weight_decay_is_explicit_and_spares_biases_and_norms(trained_artifacts,
 
 
 def test_policy_and_value_model_are_clipped_separately(trained_artifacts, tmp_path):
-    module = _module(trained_artifacts, tmp_path, "algo.max_grad_norm=1.0")
+    module = _module(trained_artifacts, tmp_path, "ppo.max_grad_norm=1.0")
     for p in module.policy.parameters():
         p.grad = torch.full_like(p, 1e-4)
     for p in module.value_model.parameters():

@@ -12,14 +12,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import transformers
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from rlhf.algorithms.ppo import logprobs_from_logits, truncate_after_stop
+from rlhf.algorithms.core import logprobs_from_logits, truncate_after_stop
 from rlhf.errors import UserError
 from rlhf.models.sampling import response_logits, sample
 from rlhf.pipeline import train
+from rlhf.pipeline import build_stage
+from rlhf.stages import Inputs
 from rlhf.stages.ppo import PPOModule
 
 from conftest import TINY_DATA, TINY_PPO, compose_train
@@ -28,7 +28,7 @@ REFERENCE_COLUMNS = "step,policy_loss,value_loss,kl_divergence,reward_score,lear
 
 
 def _ppo_overrides(artifacts, *extra: str) -> list[str]:
-    return ["stage=ppo", f"algo.policy_path={artifacts['sft']}", f"algo.reward_model_path={artifacts['rm']}",
+    return ["stage=ppo", f"ppo.policy_path={artifacts['sft']}", f"reward.model_path={artifacts['rm']}",
             *TINY_DATA, *TINY_PPO, *extra]
 
 
@@ -128,9 +128,8 @@ def test_left_padded_row_next_token_logits_match_unpadded(tiny_lm):
 def test_ppo_step_changes_policy_and_value_only(trained_artifacts, tmp_path):
     from rlhf.data import PreferenceDataModule, SyntheticPreferences
 
-    cfg = compose_train(tmp_path, *_ppo_overrides(trained_artifacts, "algo.num_ppo_epochs=2", "algo.num_mini_batches=2"))
-    module = instantiate(cfg.algo, _convert_="all", model=OmegaConf.to_container(cfg.model, resolve=True),
-                         policy_init=str(trained_artifacts["sft"]), reward_init=str(trained_artifacts["rm"]))
+    cfg = compose_train(tmp_path, *_ppo_overrides(trained_artifacts, "ppo.num_ppo_epochs=2", "ppo.num_mini_batches=2"))
+    module = build_stage(cfg, "ppo", Inputs(policy=str(trained_artifacts["sft"]), reward_model=str(trained_artifacts["rm"])))
     assert isinstance(module, PPOModule)
     before = {name: copy.deepcopy(getattr(module, name).state_dict())
               for name in ("policy", "ref_policy", "reward_model", "value_model")}
@@ -164,7 +163,7 @@ def test_ppo_step_changes_policy_and_value_only(trained_artifacts, tmp_path):
 @pytest.fixture(scope="module")
 def ppo_run(trained_artifacts, tmp_path_factory):
     run = tmp_path_factory.mktemp("ppo") / "run"
-    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "algo.max_steps=2"))
+    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "ppo.max_steps=2"))
     summary, module = _train_capturing_module(cfg)
     return {"run": run, "summary": summary, "module": module}
 
@@ -213,8 +212,8 @@ def test_ppo_export_differs_from_sft_and_generates(ppo_run, trained_artifacts):
 # ----------------------------------------------------------------------------- variants
 def test_shared_value_head_runs_a_step(trained_artifacts, tmp_path):
     run = tmp_path / "run"
-    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "algo.value_model=shared", "algo.max_steps=1",
-                                             "algo.num_ppo_epochs=1", "callbacks.model_checkpoint=null"))
+    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "ppo.value_model=shared", "ppo.max_steps=1",
+                                             "ppo.num_ppo_epochs=1", "callbacks.model_checkpoint=null"))
     _, module = _train_capturing_module(cfg)
     assert not hasattr(module, "value_model") and isinstance(module.value_head, torch.nn.Linear)
     assert module.value_head.bias.abs().max().item() > 0  # initialised at zero, then trained
@@ -227,9 +226,9 @@ def test_shared_value_head_runs_a_step(trained_artifacts, tmp_path):
 def test_adaptive_kl_moves_coefficient_toward_target(trained_artifacts, tmp_path):
     run = tmp_path / "run"
     init, target, horizon = 0.05, 100.0, 40
-    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "algo.adaptive_kl=true", f"algo.kl_coef={init}",
-                                             f"algo.target_kl={target}", f"algo.kl_horizon={horizon}",
-                                             "algo.max_steps=2", "algo.num_ppo_epochs=1",
+    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "ppo.adaptive_kl=true", f"ppo.kl_coef={init}",
+                                             f"ppo.target_kl={target}", f"ppo.kl_horizon={horizon}",
+                                             "ppo.max_steps=2", "ppo.num_ppo_epochs=1",
                                              "callbacks.model_checkpoint=null"))
     train(cfg)
     df = pd.read_csv(run / "ppo" / "metrics.csv")
@@ -267,9 +266,9 @@ def test_reward_model_with_another_tokenizer(trained_artifacts, tmp_path, value_
     tok.save_pretrained(rm_dir)
 
     run = tmp_path / "run"
-    cfg = compose_train(run, "stage=ppo", f"algo.policy_path={trained_artifacts['sft']}",
-                        f"algo.reward_model_path={rm_dir}", *TINY_DATA, *TINY_PPO, "algo.max_steps=1",
-                        "algo.num_ppo_epochs=1", "callbacks.model_checkpoint=null", f"algo.value_model={value_model}")
+    cfg = compose_train(run, "stage=ppo", f"ppo.policy_path={trained_artifacts['sft']}",
+                        f"reward.model_path={rm_dir}", *TINY_DATA, *TINY_PPO, "ppo.max_steps=1",
+                        "ppo.num_ppo_epochs=1", "callbacks.model_checkpoint=null", f"ppo.value_model={value_model}")
     summary, module = _train_capturing_module(cfg)
     assert module.same_tokenizer is False
     assert module.rm_tokenizer.get_vocab() == tok.get_vocab()
@@ -286,7 +285,7 @@ def test_nan_reward_stops_with_user_error(trained_artifacts, tmp_path, monkeypat
 
     monkeypatch.setattr(ppo_stage, "reward_scores", nan_scores)
     run = tmp_path / "run"
-    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "algo.max_steps=2", "callbacks.model_checkpoint=null"))
+    cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "ppo.max_steps=2", "callbacks.model_checkpoint=null"))
     with pytest.raises(UserError, match=r"non-finite scores at PPO step 1\b"):
         train(cfg)
     assert not (run / "ppo" / "model").exists()

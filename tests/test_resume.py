@@ -17,7 +17,7 @@ STEPS = 16
 @pytest.mark.slow
 def test_sigkill_mid_ppo_then_resume(tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "train.py", "debug=fast", f"algo.max_steps={STEPS}",
+    args = [sys.executable, "train.py", "debug=fast", f"ppo.max_steps={STEPS}",
             "callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.progress_bar.refresh_rate=0",
             "~callbacks.analysis_report", f"paths.output_dir={run}"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory):
     proc = subprocess.run([sys.executable, "train.py", "debug=fast", f"paths.output_dir={run}",
                            "callbacks.progress_bar.refresh_rate=0", "++callbacks.analysis_report=null",
                            # smaller than debug=fast alone: the models only need to exist, not to learn
-                           "data.n_pairs=128", "algo.max_steps=1", "algo.eval_prompts=8"],
+                           "data.n_pairs=128", "ppo.max_steps=1", "ppo.eval_prompts=8"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run

@@ -73,12 +73,14 @@ def _fit(module, dm, cfg, steps: int, warmup: int, root: str):
 def run(a: dict, root: str) -> dict:
     import pytorch_lightning as pl
     import torch
-    from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
     from rlhf.data import PreferenceDataModule, PreferencePair, PreferenceSplits
     from rlhf.memory import keep_freed_memory
+    from rlhf.models.causal_lm import ModelConfig
     from rlhf.models.tokenizer import load_tokenizer
+    from rlhf.pipeline import stage_config
+    from rlhf.stages import Inputs
 
     import rlhf.stages.ppo  # noqa: F401  (the stages' imports count in the baseline RSS)
     import rlhf.stages.reward_model  # noqa: F401
@@ -92,14 +94,14 @@ def run(a: dict, root: str) -> dict:
     if a["kind"] == "ppo":
         # No stop token and no missing-EOS penalty (TRL's defaults); no gradient clipping, which TRL's
         # PPO loop never does (it steps the optimizer without clip_grad_norm).
-        overrides = ["stage=ppo", f"algo.policy_path={a['policy']}", f"algo.reward_model_path={a['rm']}",
-                     f"algo.batch_size={s.batch}", f"algo.response_length={s.response_length}",
-                     f"algo.num_ppo_epochs={s.ppo_epochs}", f"algo.num_mini_batches={s.mini_batches}",
-                     f"algo.max_prompt_length={s.prompt_length}", f"algo.max_steps={updates}",
-                     "algo.stop_token=null", "algo.missing_eos_penalty=null", "algo.max_grad_norm=null",
-                     "algo.temperature=1.0", "algo.kl_coef=0.05", f"algo.lr={a['lr']}",
-                     f"algo.weight_decay={a.get('weight_decay', 0.0)}"]
-        key, prompts = "algo", data["prompts"][: s.batch * updates]
+        overrides = ["stage=ppo", f"ppo.policy_path={a['policy']}", f"reward.model_path={a['rm']}",
+                     f"ppo.batch_size={s.batch}", f"ppo.response_length={s.response_length}",
+                     f"ppo.num_ppo_epochs={s.ppo_epochs}", f"ppo.num_mini_batches={s.mini_batches}",
+                     f"ppo.max_prompt_length={s.prompt_length}", f"ppo.max_steps={updates}",
+                     "ppo.stop_token=null", "ppo.missing_eos_penalty=null", "ppo.max_grad_norm=null",
+                     "ppo.temperature=1.0", "ppo.kl_coef=0.05", f"ppo.lr={a['lr']}",
+                     f"ppo.weight_decay={a.get('weight_decay', 0.0)}"]
+        key, prompts = "ppo", data["prompts"][: s.batch * updates]
         pairs = [PreferencePair(p, "", "") for p in prompts]
     else:
         overrides = ["stage=rm", f"rm.batch_size={s.batch}", f"rm.max_prompt_length={s.prompt_length}",
@@ -111,23 +113,20 @@ def run(a: dict, root: str) -> dict:
     if cfg.keep_freed_memory:  # as `rlhf.pipeline.train` does
         keep_freed_memory()
     pl.seed_everything(a["seed"], workers=True)
-    node = cfg[key]
-    cls = get_class(node._target_)
-    conf = cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), key)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    cls, conf = stage_config(cfg, key)
+    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     if a["kind"] == "ppo":
         tokenizer = load_tokenizer(a["policy"])
-        module = instantiate(node, _convert_="all", model=model_cfg, policy_init=a["policy"], reward_init=a["rm"])
+        module = cls(conf, model_cfg, Inputs(policy=a["policy"], reward_model=a["rm"]))
         watched = [module.policy, module.value_model]
     else:
         tokenizer = load_tokenizer(a["rm"])
-        module = instantiate(node, _convert_="all", model=model_cfg, init_from=a["rm"],
-                             pad_token_id=tokenizer.pad_token_id)
+        module = cls(conf, model_cfg, Inputs(policy=a["rm"], pad_token_id=tokenizer.pad_token_id))
         watched = [module.model]
     dm = PreferenceDataModule(PreferenceSplits(train=pairs, val=[]), tokenizer, cls.data_mode, conf.batch_size,
                               conf.max_prompt_length, conf.max_response_length, seed=a["seed"])
     before = [_probe(m) for m in watched]
-    per_batch = getattr(module, "optimizer_steps_per_batch", 1)
+    per_batch = module.optimizer_steps_per_batch
     window, opt = _fit(module, dm, cfg, updates * per_batch, a["warmup"], root)
     phases = getattr(module, "phase_seconds", None) if a["kind"] == "ppo" else None
     res = window.result(s.batch, phases)

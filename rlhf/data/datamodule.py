@@ -1,4 +1,4 @@
-"""LightningDataModule turning `PreferenceSplits` into token batches for SFT, RM or PPO.
+"""LightningDataModule turning `PreferenceSplits` into token batches for SFT, RM, PPO or DPO.
 
 Prompt and response are tokenised separately and concatenated, exactly as the policy sees
 them at generation time (prompt tokens, then sampled tokens), so SFT, reward-model and PPO
@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from rlhf.data.pairs import PreferencePair, PreferenceSplits
 from rlhf.data.sampler import ResumableShuffleSampler
 
-MODES = ("sft", "rm", "prompts")
+MODES = ("sft", "rm", "prompts", "pairs")
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
 
 
@@ -72,6 +72,15 @@ class _Collate:
                 "rejected_input_ids": _pad(rejected, self.pad_id, n),
                 "rejected_attention_mask": _mask(rejected, n),
             }
+        if self.mode == "pairs":
+            seqs = [x[f"{side}_input_ids"] for side in ("chosen", "rejected") for x in items]
+            n = max(map(len, seqs))  # one width: the policy scores chosen and rejected in one forward
+            out = {"index": torch.tensor([x["index"] for x in items], dtype=torch.long)}
+            for side in ("chosen", "rejected"):
+                ids = [x[f"{side}_input_ids"] for x in items]
+                out.update({f"{side}_input_ids": _pad(ids, self.pad_id, n), f"{side}_attention_mask": _mask(ids, n),
+                            f"{side}_labels": _pad([x[f"{side}_labels"] for x in items], IGNORE_INDEX, n)})
+            return out
         # Left padding: generation appends to the right, so every prompt must end at the last column.
         ids = [x["input_ids"] for x in items]
         n = max(map(len, ids))
@@ -84,12 +93,14 @@ class _Collate:
 
 class PreferenceDataModule(pl.LightningDataModule):
     """Batches for one stage: mode "sft" (prompt + chosen + eos, loss on the response only),
-    "rm" (chosen/rejected sequences, no eos) or "prompts" (left-padded prompts for PPO).
+    "rm" (chosen/rejected sequences, no eos), "prompts" (left-padded prompts for PPO) or "pairs"
+    (DPO: chosen and rejected each as in sft mode, with labels, right-padded to one common width,
+    plus "index", the pair's position in its split, for per-pair caches such as reference log-probs).
 
     Prompts keep their LAST `max_prompt_length` tokens (the final question matters most);
     responses keep their FIRST `max_response_length` tokens. In sft mode eos counts toward
     `max_response_length` and is dropped when the response had to be cut, so the model never
-    learns to stop mid-sentence.
+    learns to stop mid-sentence; pairs mode treats both of its responses the same way.
     """
 
     def __init__(
@@ -150,6 +161,18 @@ class PreferenceDataModule(pl.LightningDataModule):
                 resp = (resp + [self.eos_id])[:cut]
                 items.append({"input_ids": ids + resp, "labels": [IGNORE_INDEX] * len(ids) + resp})
             return items
+        if self.mode == "pairs":
+            items = []
+            for i, (p, c, r) in enumerate(zip(prompts, self._tok([x.chosen for x in pairs]),
+                                              self._tok([x.rejected for x in pairs]))):
+                item = {"index": i}
+                for side, resp in (("chosen", c), ("rejected", r)):
+                    # eos as in sft mode: DPO then also learns where a preferred response ends.
+                    resp = (resp + [self.eos_id])[:cut]
+                    item[f"{side}_input_ids"] = p + resp
+                    item[f"{side}_labels"] = [IGNORE_INDEX] * len(p) + resp
+                items.append(item)
+            return items
         chosen = self._tok([x.chosen for x in pairs])
         rejected = self._tok([x.rejected for x in pairs])
         return [
@@ -180,6 +203,14 @@ class PreferenceDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def ordered_loader(self, split: str = "train", rank: int = 0, world: int = 1) -> DataLoader:
+        """Every `world`-th example of `split` from `rank` on, in dataset order, none dropped: one pass
+        that caches a value per example (DPO's reference log-probs), shared out over the ranks."""
+        self.setup()
+        dataset = self.train_dataset if split == "train" else self.val_dataset
+        return DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=self.batch_size,
+                          collate_fn=_Collate(self.mode, self.eos_id), num_workers=self.num_workers)
 
     # Data position in checkpoints: Lightning saves and restores these with the trainer state.
     def state_dict(self) -> dict:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from rlhf.algorithms.ppo import position_ids_from_mask
+from rlhf.algorithms.core import position_ids_from_mask
 from rlhf.models.causal_lm import head_fp32
 
 

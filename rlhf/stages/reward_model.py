@@ -12,19 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.reward import load_reward_model, reward_scores
+from rlhf.stages.base import Inputs, Stage
 from rlhf.stages.common import StageConfig, adamw_with_schedule, configure_gradient_clipping, export_hf
 from rlhf.stages.guards import check_finite
 
 
 @dataclass
 class RMConfig(StageConfig):
-    _target_: str = "rlhf.stages.reward_model.RewardModelModule"  # the LightningModule Hydra instantiates
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 20  # linear warm-up steps, then linear decay to 0
@@ -44,16 +43,26 @@ class RMConfig(StageConfig):
         self.check_positive("weight_decay", "warmup_steps", "margin", "center_rewards_coefficient", allow_zero=True)
 
 
-class RewardModelModule(pl.LightningModule):
-    data_mode = "rm"
+class RewardModelModule(Stage):
+    name = "rm"
     Config = RMConfig
+    title = "reward model"
+    description = ("Bradley-Terry reward model: a scalar head on the causal-LM backbone, trained with "
+                   "`-logsigmoid(r_chosen - r_rejected - margin)` on preference pairs. Scores are normalised to "
+                   "mean 0 / std 1 on the training responses with `reward_mean` / `reward_std` stored in "
+                   "`config.json`.")
+    paper = "Bradley & Terry 1952; Ouyang et al. 2022"
+    data_mode = "rm"
+    # InstructGPT initialises the RM from the SFT policy: its backbone already reads the domain.
+    uses = ("policy",)
+    produces = "reward"
+    order = 1
+    headline = ("rm_accuracy",)
 
-    def __init__(self, model: dict, init_from: str | None = None, pad_token_id: int = 50256, **algo):
+    def __init__(self, cfg: RMConfig, model: ModelConfig, inputs: Inputs):
         super().__init__()
-        self.save_hyperparameters()
-        self.cfg = RMConfig.from_dict(algo, "rm")
-        self.model_cfg = ModelConfig.from_dict(dict(model))
-        self.model = load_reward_model(self.model_cfg, init_from, pad_token_id=pad_token_id)
+        self.cfg, self.model_cfg = cfg, model
+        self.model = load_reward_model(model, inputs.policy, pad_token_id=inputs.pad_token_id)
 
     def _scores(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         # One forward over chosen and rejected together (the collator pads both to one width):
@@ -119,11 +128,6 @@ class RewardModelModule(pl.LightningModule):
         mean, std = allr.mean().item(), allr.std().clamp_min(1e-6).item()
         self.model.config.reward_mean, self.model.config.reward_std = mean, std
         return mean, std
-
-    @staticmethod
-    def init_kwargs(conf, artifacts, tokenizer, cfg) -> dict:
-        # InstructGPT initialises the RM from the SFT policy: its backbone already reads the domain.
-        return {"init_from": artifacts.get("sft"), "pad_token_id": tokenizer.pad_token_id}
 
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
         """Normalise, export, and measure held-out accuracy.

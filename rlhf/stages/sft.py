@@ -10,18 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 
 from rlhf.models.causal_lm import ModelConfig, load_causal_lm
 from rlhf.models.sampling import backbone_hidden
+from rlhf.stages.base import Inputs, Stage
 from rlhf.stages.common import StageConfig, adamw_with_schedule, configure_gradient_clipping, export_hf
 from rlhf.stages.guards import check_finite
 
 
 @dataclass
 class SFTConfig(StageConfig):
-    _target_: str = "rlhf.stages.sft.SFTModule"  # the LightningModule Hydra instantiates
     lr: float = 1e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 20  # linear warm-up steps, then linear decay to 0 at max_steps
@@ -37,16 +36,22 @@ class SFTConfig(StageConfig):
         self.check_positive("weight_decay", "warmup_steps", allow_zero=True)
 
 
-class SFTModule(pl.LightningModule):
-    data_mode = "sft"
+class SFTModule(Stage):
+    name = "sft"
     Config = SFTConfig
+    title = "SFT policy"
+    description = ("Supervised fine-tuning: next-token cross-entropy on prompt + chosen response, loss on the "
+                   "response tokens only.")
+    paper = "Ouyang et al. 2022 (InstructGPT), the SFT step"
+    data_mode = "sft"
+    produces = "policy"
+    order = 0
+    headline = ("sft_val_loss",)
 
-    def __init__(self, model: dict, init_from: str | None = None, **algo):
+    def __init__(self, cfg: SFTConfig, model: ModelConfig, inputs: Inputs):
         super().__init__()
-        self.save_hyperparameters()
-        self.cfg = SFTConfig.from_dict(algo, "sft")
-        self.model_cfg = ModelConfig.from_dict(dict(model))
-        self.model = load_causal_lm(self.model_cfg, init_from)
+        self.cfg, self.model_cfg = cfg, model
+        self.model = load_causal_lm(model, inputs.policy)
 
     def _loss(self, batch) -> torch.Tensor:
         """Mean next-token cross-entropy over response tokens.
@@ -77,10 +82,6 @@ class SFTModule(pl.LightningModule):
     def configure_optimizers(self):
         return adamw_with_schedule(self.model.parameters(), self.trainer, self.cfg.lr, self.cfg.weight_decay,
                                    self.cfg.warmup_steps, self.trainer.max_steps)
-
-    @staticmethod
-    def init_kwargs(conf, artifacts, tokenizer, cfg) -> dict:
-        return {}
 
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
         """Export the policy in HF format; headline numbers for summary.json."""

@@ -1,0 +1,161 @@
+"""Every algorithm learns the default synthetic task from the same SFT model and reward model, and
+the pipeline that `algo=` implies is the one the stages' declarations ask for.
+
+The learning check (as `test_end_to_end` for PPO): each algorithm's default config raises the gold
+reward on held-out prompts, wins >= 70% of them against the SFT policy by gold, and stays within
+6 nats of KL to it (PPO's adaptive-KL target), each under 5 minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+from rlhf.errors import ConfigError
+from rlhf.pipeline import plan_stages, train
+from rlhf.stages import stages
+
+from conftest import TINY_DATA, compose_train
+
+TARGET_KL = 6.0
+
+
+@pytest.mark.parametrize("overrides,plan", [
+    ([], ["sft", "rm", "ppo"]),
+    (["algo=grpo"], ["sft", "rm", "grpo"]),
+    (["algo=rloo"], ["sft", "rm", "rloo"]),
+    (["algo=dpo"], ["sft", "dpo"]),
+    (["algo=rm"], ["sft", "rm"]),
+    (["algo=grpo", "reward.fn=rlhf.rewards.synthetic_gold"], ["sft", "grpo"]),
+    (["algo=ppo", "reward.model_path=/some/rm"], ["sft", "ppo"]),
+    (["algo=grpo", "grpo.policy_path=/some/policy", "reward.model_path=/some/rm"], ["grpo"]),
+    (["stage=rm"], ["rm"]),
+])
+def test_plan_follows_what_each_stage_needs(tmp_path, overrides, plan):
+    assert plan_stages(compose_train(tmp_path, *overrides)) == plan
+
+
+def test_every_stage_declares_its_contract():
+    for name, cls in stages().items():
+        assert cls.name == name and cls.title and cls.description and cls.Config is not None, name
+        assert cls.produces in ("policy", "reward", None) and set(cls.needs) <= {"policy", "reward"}, name
+    assert {"sft", "rm", "ppo", "grpo", "rloo", "dpo"} <= set(stages())
+
+
+def test_root_lr_and_kl_coef_feed_the_algorithm(tmp_path):
+    from rlhf.pipeline import apply_root_settings
+
+    for algo, kl_field in (("ppo", "kl_coef"), ("grpo", "beta"), ("rloo", "kl_coef"), ("dpo", "beta")):
+        cfg = compose_train(tmp_path, f"algo={algo}", "lr=1e-4", "kl_coef=0.02")
+        apply_root_settings(cfg)
+        assert cfg[algo].lr == 1e-4 and cfg[algo][kl_field] == 0.02, algo
+        assert cfg.sft.lr != 1e-4  # SFT and RM keep their own
+
+
+def test_num_generations_must_divide_the_batch(tmp_path):
+    with pytest.raises(ConfigError, match=r"^grpo: .*batch_size=30 is not divisible by the 4 responses"):
+        train(compose_train(tmp_path / "run", "algo=grpo", "grpo.batch_size=30"))
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+# ----------------------------------------------------------------------------- one short run each
+def _tiny(algo, artifacts, run, *extra):
+    """`stage=<algo>` for two updates on the tiny SFT/RM exports, keeping the module it built."""
+    from safetensors.torch import load_file
+
+    cls = stages()[algo]
+    box = {}
+    orig = cls.finish
+
+    def finish(self, *args, **kwargs):
+        box["module"] = self
+        return orig(self, *args, **kwargs)
+
+    cfg = compose_train(run, f"algo={algo}", f"stage={algo}", f"{algo}.policy_path={artifacts['sft']}",
+                        f"reward.model_path={artifacts['rm']}", *TINY_DATA, f"{algo}.batch_size=8",
+                        f"{algo}.response_length=8", f"{algo}.eval_prompts=8", f"{algo}.max_prompt_length=48",
+                        f"{algo}.max_steps=2", *extra)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "finish", finish)
+        summary = train(cfg)
+    return summary, box["module"], load_file(str(artifacts["sft"] / "model.safetensors"))
+
+
+@pytest.mark.parametrize("algo,extra", [("grpo", ()), ("grpo", ("grpo.beta=0", "grpo.loss_type=dr_grpo")),
+                                        ("rloo", ("rloo.kl_estimator=k3",))])
+def test_online_stage_trains_the_policy_only(algo, extra, trained_artifacts, tmp_path):
+    summary, module, sft = _tiny(algo, trained_artifacts, tmp_path / "run", *extra)
+    moved = [k for k, v in module.policy.state_dict().items() if k in sft and not torch.equal(v, sft[k])]
+    assert moved, "no policy weight changed"
+    assert not hasattr(module, "value_model") and not hasattr(module, "value_head")  # no critic
+    if "grpo.beta=0" in extra:  # no KL term: no reference model during training, loaded for the evaluation
+        assert module.uses_reference is False and summary["stages"][algo]["kl_final"] != 0
+    # The reference (kept, or loaded again at the end) is the SFT export, bit for bit.
+    assert all(torch.equal(v, sft[k]) for k, v in module.ref_policy.state_dict().items() if k in sft)
+    assert all(not p.requires_grad for p in module.reward_model.parameters())
+    df = pd.read_csv(tmp_path / "run" / algo / "metrics.csv")
+    assert list(df.columns[:8]) == ["step", "policy_loss", "value_loss", "kl_divergence", "reward_score",
+                                    "learning_rate", "batch_size", "timestamp"]
+    assert df["step"].tolist() == [1, 2] and df["value_loss"].isna().all() and df["batch_size"].eq(8).all()
+    assert module.optimizer_steps_per_batch == 4 and summary["stages"][algo]["steps"] == 2
+
+
+# ----------------------------------------------------------------------------- learning
+@pytest.fixture(scope="module")
+def default_sft_rm(tmp_path_factory):
+    """The default run's SFT and reward model (`python train.py algo=rm`), shared by every algorithm."""
+    run = tmp_path_factory.mktemp("default") / "run"
+    summary = train(compose_train(run, "algo=rm"))
+    assert summary["rm_accuracy"] >= 0.90, summary
+    return {"sft": run / "sft" / "model", "rm": run / "rm" / "model"}
+
+
+def _run(algo, sft_rm, tmp_path, *extra):
+    run = tmp_path / "run"
+    reward = [f"reward.model_path={sft_rm['rm']}"] if algo != "dpo" else []
+    summary = train(compose_train(run, f"algo={algo}", f"stage={algo}", f"{algo}.policy_path={sft_rm['sft']}",
+                                  *reward, *extra))
+    return run, summary
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "dpo"])
+def test_default_config_learns(algo, default_sft_rm, tmp_path):
+    run, summary = _run(algo, default_sft_rm, tmp_path)
+    assert summary["eval_prompts_in_train"] == 0
+    assert summary["gold_reward_after"] > summary["gold_reward_before"], summary
+    assert summary["gold_win_rate"] >= 0.70, summary
+    assert 0.0 < summary["kl_final"] <= TARGET_KL, summary
+    assert summary["stages"][algo]["fit_seconds"] < 300
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["gold_win_rate"] == summary["gold_win_rate"]  # the learning figures reach summary.json
+    assert (run / algo / "model" / "model.safetensors").is_file()
+    card = (run / algo / "model" / "README.md").read_text()
+    assert stages()[algo].title in card and f"`{algo}` stage" in card
+
+
+@pytest.mark.slow
+def test_reward_function_from_outside_the_project_drives_grpo(default_sft_rm, tmp_path, monkeypatch):
+    """`reward.fn=their_module.their_function`: no reward model, and GRPO raises that function's mean."""
+    (tmp_path / "their_module.py").write_text(textwrap.dedent('''
+        CALLS = []
+
+        def their_function(prompts, responses):
+            CALLS.append(len(responses))
+            return [float(r.split().count("glad")) for r in responses]  # say "glad" more
+    '''))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = tmp_path / "run"
+    summary = train(compose_train(run, "algo=grpo", f"grpo.policy_path={default_sft_rm['sft']}",
+                                  "reward.fn=their_module.their_function", "grpo.max_steps=20", "grpo.beta=0.0",
+                                  "grpo.eval_prompts=16"))
+    import their_module
+
+    assert list(summary["stages"]) == ["grpo"]  # no SFT (a policy was given) and no reward model
+    assert their_module.CALLS and set(their_module.CALLS) == {32}
+    df = pd.read_csv(run / "grpo" / "metrics.csv")
+    assert df["reward_score"].tail(5).mean() > df["reward_score"].head(5).mean() + 0.2, df["reward_score"].tolist()
