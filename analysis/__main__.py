@@ -32,7 +32,7 @@ from .load import is_sweep_dir, load_run, load_sweep
 from .metrics import compute_metrics
 from .plots import check_lang
 from .report import default_out_dir, fmt, run_warnings, write_run_report, write_sweep_report
-from .seeds import config_label, config_metrics, has_seeds, seed_table, shown_metrics
+from .seeds import comparison_table, config_label, config_metrics, has_seeds, seed_table, shown_metrics
 from .sweep import rank_runs, sweep_table
 
 
@@ -155,6 +155,8 @@ def _sweep(args, path: Path) -> None:
     print(shown.to_string(index=False))
     if seeds is not None:
         print("\n".join(_seed_text(seeds)))
+        print("\nComparison (mean ± 95% CI over seeds):")
+        print("\n".join(comparison_table(seeds)))
     warnings = [f"  - run {run}: {w}" for run, ws in ranked.attrs.get("warnings", {}).items() for w in ws]
     if warnings:
         print("Warnings:")

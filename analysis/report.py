@@ -18,7 +18,7 @@ import pandas as pd
 from . import plots
 from .load import is_sweep_dir, load_run, load_sweep
 from .metrics import compute_metrics, metric_warnings
-from .seeds import config_label, config_metrics, has_seeds, seed_curves, seed_table, shown_metrics
+from .seeds import comparison_table, config_label, config_metrics, has_seeds, seed_curves, seed_table, shown_metrics
 from .sweep import rank_runs, sweep_table, varying_params
 
 DESCRIPTIONS = {
@@ -106,6 +106,7 @@ def seed_lines(seeds: pd.DataFrame) -> list[str]:
     if seeds.empty:
         return lines + ["No job to aggregate.", ""]
     params, metrics = seeds.attrs.get("varying", seeds.attrs.get("params", [])), shown_metrics(seeds)
+    lines += ["### Comparison", "", *comparison_table(seeds), ""]
     for _, row in seeds.iterrows():
         lines += [f"### {config_label(row, params)}", "",
                   f"{row['n_seeds']} seed(s): {', '.join(map(fmt, row['seeds']))} "

@@ -162,11 +162,37 @@ def config_metrics(row: pd.Series, metrics: list[str]) -> dict[str, dict[str, fl
 
 
 def config_label(row: pd.Series, params: list[str]) -> str:
-    """``lr=0.0001, algo.kl_coef=0.05`` (``all runs`` when only the seed varies).
+    """``lr=0.0001, kl_coef=0.05`` (``all runs`` when only the seed varies).
 
     Pass ``seeds.attrs["varying"]``: overrides every configuration shares would only add noise.
     """
     return ", ".join(f"{p}={row[p]}" for p in params) or "all runs"
+
+
+# The comparison a researcher reads first, one row per configuration (algorithm x settings).
+COMPARISON = (("gold_win_rate", "gold win rate"), ("gold_reward_after", "gold reward"), ("kl_final", "KL"),
+              ("reward_after", "reward-model score"), ("seconds", "wall time (s)"), ("peak_rss_mb", "peak RSS (MB)"))
+
+
+def comparison_table(seeds: pd.DataFrame) -> list[str]:
+    """Markdown: configuration | each :data:`COMPARISON` metric as ``mean ± ci95`` (n/a where absent).
+
+    `python -m analysis SWEEP` prints it for a sweep over seeds; with `algo` among the swept
+    overrides (`python train.py -m algo=ppo,grpo,rloo,dpo seed=0,1,2`) it is the algorithms table.
+    """
+    params = seeds.attrs.get("varying", seeds.attrs.get("params", []))
+    cols = [(m, label) for m, label in COMPARISON if f"{m}_mean" in seeds.columns]
+    lines = ["| " + " | ".join([", ".join(params) or "configuration", "seeds", *(lb for _, lb in cols)]) + " |",
+             "|" + "---|" * (2 + len(cols))]
+    for _, r in seeds.iterrows():
+        cells = []
+        for m, _ in cols:
+            mean, half = r[f"{m}_mean"], r[f"{m}_ci95"]
+            digits = 0 if m in ("seconds", "peak_rss_mb") else 3
+            cells.append("n/a" if pd.isna(mean) else f"{mean:.{digits}f}" + ("" if pd.isna(half) else f" ± {half:.{digits}f}"))
+        label = ", ".join(str(r[p]) for p in params) or "all runs"
+        lines.append("| " + " | ".join([label, str(r["n_seeds"]), *cells]) + " |")
+    return lines
 
 
 def seed_curves(df: pd.DataFrame, seeds: pd.DataFrame, window: int = 50,

@@ -158,6 +158,10 @@ def test_cli_prints_and_emits_configurations_and_draws_bands(sweep):
     assert "lr=1e-05: 3 seed(s) 0, 1, 2" in text.stdout and "lr=0.0001: 3 seed(s) 0, 1, 2" in text.stdout
     block = text.stdout.split("lr=1e-05: 3 seed(s)")[1]
     assert any(line.split()[:3] == ["gold_win_rate", "0.6", "0.248414"] for line in block.splitlines())
+    # The comparison table (the README's algorithms table when `algo` is swept): mean ± CI per column.
+    assert "| lr | seeds | gold win rate | wall time (s) |" in text.stdout
+    assert "| 1e-05 | 3 | 0.600 ± 0.248 | 20 ± 25 |" in text.stdout and "| 0.0001 | 3 | 0.200 ± 0.000 |" in text.stdout
+    assert "### Comparison" in report and "| 1e-05 | 3 | 0.600 ± 0.248 | 20 ± 25 |" in report
 
 
 def test_sweep_with_one_seed_has_no_seed_output(tmp_path):
