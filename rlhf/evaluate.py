@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Sequence
 from rlhf.errors import UserError
 
 N_SAMPLES = 5  # example responses kept in eval.json
+EVAL_BATCH = 32  # prompts per sampling batch in the end-of-stage comparison
 
 
 # ----- metrics on plain Python values -----
@@ -190,7 +191,13 @@ def compare_policies(module, dm, n: int) -> dict:
 
     was_training = module.policy.training
     module.policy.eval()
-    loader = dm.val_dataloader()
+    from rlhf.data import PreferenceDataModule
+
+    # One batching for every stage: the sampled responses depend on the batch composition, so
+    # stages whose training batches differ (GRPO's 8 prompts, PPO's 32) are still compared on
+    # the same draws of the same prompts.
+    loader = PreferenceDataModule(dm.splits, module.tokenizer, "prompts", EVAL_BATCH, dm.max_prompt_length,
+                                  dm.max_response_length).val_dataloader()
     torch.manual_seed(1234)
     with reference_policy(module.policy, module.ref_policy) as ref_policy:
         before = _collect(module, ref_policy, loader, n)

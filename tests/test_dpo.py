@@ -110,7 +110,7 @@ def test_pairs_truncation_drops_eos_and_ordered_loader_shards(tok):
 def test_dpo_stage_fit(tmp_path, monkeypatch):
     pl.seed_everything(0)
     cfg = DPOConfig(lr=3e-3, warmup_steps=2, batch_size=8, max_steps=20, max_prompt_length=32,
-                    max_response_length=12, beta=0.1, val_every=10, val_batches=1, eval_prompts=8, response_length=6)
+                    max_response_length=12, beta=0.1, loss_type="sigmoid", val_every=10, val_batches=1, eval_prompts=8, response_length=6)
     model = ModelConfig(arch={"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 64})
     module = DPOModule(cfg, model, Inputs(gold=gold_reward))
     splits = SyntheticPreferences(n_pairs=240, seed=0).load()

@@ -170,7 +170,7 @@ def test_ppo_with_lora_reference_is_the_base_model(lora_ppo, trained_artifacts):
     Q = q.shape[1]
     with torch.no_grad():
         policy_lp = logprobs_from_logits(response_logits(module.policy, ids, mask, Q), resp, 1.0)
-        ref_lp = module._ref_logprobs(ids, mask, Q, resp)
+        ref_lp = module.ref_logprobs(ids, mask, Q, resp)
         base_lp = logprobs_from_logits(response_logits(sft, ids, mask, Q), resp, 1.0)
         again = logprobs_from_logits(response_logits(module.policy, ids, mask, Q), resp, 1.0)
     torch.testing.assert_close(ref_lp, base_lp, atol=1e-5, rtol=1e-5)  # reference = SFT export, adapter off

@@ -278,12 +278,12 @@ def test_reward_model_with_another_tokenizer(trained_artifacts, tmp_path, value_
 
 
 def test_nan_reward_stops_with_user_error(trained_artifacts, tmp_path, monkeypatch):
-    import rlhf.stages.ppo as ppo_stage
+    import rlhf.stages.online as online_stage  # where every online stage scores its rollouts
 
     def nan_scores(model, input_ids, attention_mask, normalize=True):
         return torch.full((input_ids.shape[0],), float("nan"))
 
-    monkeypatch.setattr(ppo_stage, "reward_scores", nan_scores)
+    monkeypatch.setattr(online_stage, "reward_scores", nan_scores)
     run = tmp_path / "run"
     cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "ppo.max_steps=2", "callbacks.model_checkpoint=null"))
     with pytest.raises(UserError, match=r"non-finite scores at PPO step 1\b"):
@@ -292,10 +292,8 @@ def test_nan_reward_stops_with_user_error(trained_artifacts, tmp_path, monkeypat
     assert not (run / "summary.json").exists()
 
 
-def test_ppo_checkpoint_omits_frozen_models_and_restores(ppo_run):
+def test_ppo_checkpoint_omits_frozen_models_and_restores(ppo_run, trained_artifacts, tmp_path):
     import torch
-
-    from rlhf.stages.ppo import PPOModule
 
     ckpt_path = ppo_run["run"] / "ppo" / "checkpoints" / "last.ckpt"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -303,7 +301,12 @@ def test_ppo_checkpoint_omits_frozen_models_and_restores(ppo_run):
     assert any(k.startswith("policy.") for k in keys) and any(k.startswith("value_model.") for k in keys)
     assert not any(k.startswith(("ref_policy.", "reward_model.")) for k in keys)
     assert "kl_ctl" in ckpt and ckpt["episodes"] > 0
-    restored = PPOModule.load_from_checkpoint(ckpt_path, map_location="cpu")
+    # As `resume=` restores it: the module built from its config and exports, then the checkpoint on top.
+    cfg = compose_train(tmp_path, *_ppo_overrides(trained_artifacts))
+    restored = build_stage(cfg, "ppo", Inputs(policy=str(trained_artifacts["sft"]), reward_model=str(trained_artifacts["rm"])))
+    missing, unexpected = restored.load_state_dict(ckpt["state_dict"], strict=False)
+    assert not unexpected and all(k.startswith(("ref_policy.", "reward_model.")) for k in missing)
+    restored.on_load_checkpoint(ckpt)
     for name, value in ckpt["state_dict"].items():
         assert torch.equal(restored.state_dict()[name], value), name
     # The frozen models come back from their exports, untouched by training.
