@@ -8,6 +8,7 @@ reward on held-out prompts, wins >= 70% of them against the SFT policy by gold, 
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 
 import pandas as pd
@@ -139,8 +140,8 @@ def test_default_config_learns(algo, default_sft_rm, tmp_path):
 
 @pytest.mark.slow
 def test_reward_function_from_outside_the_project_drives_grpo(default_sft_rm, tmp_path, monkeypatch):
-    """`reward.fn=their_module.their_function`: no reward model, and GRPO raises that function's mean."""
-    (tmp_path / "their_module.py").write_text(textwrap.dedent('''
+    """`reward.fn=outside_reward.their_function`: no reward model, and GRPO raises that function's mean."""
+    (tmp_path / "outside_reward.py").write_text(textwrap.dedent('''
         CALLS = []
 
         def their_function(prompts, responses):
@@ -151,11 +152,13 @@ def test_reward_function_from_outside_the_project_drives_grpo(default_sft_rm, tm
     monkeypatch.syspath_prepend(str(tmp_path))
     run = tmp_path / "run"
     summary = train(compose_train(run, "algo=grpo", f"grpo.policy_path={default_sft_rm['sft']}",
-                                  "reward.fn=their_module.their_function", "grpo.max_steps=20", "grpo.beta=0.0",
+                                  "reward.fn=outside_reward.their_function", "grpo.max_steps=20", "grpo.beta=0.0",
                                   "grpo.eval_prompts=16"))
-    import their_module
+    import outside_reward
+
+    monkeypatch.delitem(sys.modules, "outside_reward")  # a module of this test only
 
     assert list(summary["stages"]) == ["grpo"]  # no SFT (a policy was given) and no reward model
-    assert their_module.CALLS and set(their_module.CALLS) == {32}
+    assert outside_reward.CALLS and set(outside_reward.CALLS) == {32}
     df = pd.read_csv(run / "grpo" / "metrics.csv")
     assert df["reward_score"].tail(5).mean() > df["reward_score"].head(5).mean() + 0.2, df["reward_score"].tolist()

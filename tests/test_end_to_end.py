@@ -61,7 +61,8 @@ def test_multirun_sweep_then_analysis(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
     assert len(rows) == 4
-    grid = {(float(r["params"]["lr"]), float(r["params"]["kl_coef"])) for r in rows}
+    # The root kl_coef shares its name with a metrics.csv column: the sweep names the override apart.
+    grid = {(float(r["params"]["lr"]), float(r["params"]["override.kl_coef"])) for r in rows}
     assert grid == {(1e-4, 0.02), (1e-4, 0.1), (3e-4, 0.02), (3e-4, 0.1)}
     for r in rows:
         df = pd.read_csv(sweep / str(r["run"]) / "ppo" / "metrics.csv")

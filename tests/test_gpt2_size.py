@@ -79,7 +79,7 @@ def test_reference_experiment_runs_at_gpt2_size(tmp_path, compose_cfg):
                       "trainer.max_steps=1", "model.gradient_checkpointing=true", "ppo.eval_prompts=16",
                       "sft.val_batches=1", "rm.val_batches=1", "rm.normalize_samples=32",
                       "~callbacks.model_checkpoint", "+trainer.enable_checkpointing=false")
-    assert (cfg.algo.batch_size, cfg.algo.max_prompt_length, cfg.algo.response_length) == (16, 384, 64)
+    assert (cfg.ppo.batch_size, cfg.ppo.max_prompt_length, cfg.ppo.response_length) == (16, 384, 64)
     summary = train(cfg)
     assert set(summary["stages"]) == {"sft", "rm", "ppo"}
     assert summary["eval_prompts_in_train"] == 0
