@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from rlhf.algorithms import core
 from rlhf.algorithms.grpo import LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
 from rlhf.models.sampling import response_logits
@@ -76,30 +74,21 @@ class GRPOModule(OnlineRLModule):
         ids, mask, Q, responses = roll["ids"], roll["mask"], roll["context_length"], roll["responses"]
         resp_mask, old, ref = roll["resp_mask"], roll["logprobs"], roll["ref_logprobs"]
         advantages = group_advantages(roll["scores"], c.num_generations, c.scale_rewards)
-        opt = self.optimizers()
-        stats: dict[str, list] = {k: [] for k in ("loss", "clipfrac", "kl", "ratio")}
-        gap = None
-        for _ in range(c.num_iterations):
-            for mb in torch.randperm(ids.shape[0], device=self.device, generator=roll["generator"]).split(
-                    c.batch_size // c.num_mini_batches):
-                logits = response_logits(self.policy, ids[mb], mask[mb], Q)
-                new = core.logprobs_from_logits(logits, responses[mb], c.temperature)
-                if gap is None:  # before any optimizer step: ratios must be exactly 1
-                    gap = self.logprob_gap(new.detach(), old[mb], resp_mask[mb])
-                loss, st = grpo_loss(new, old[mb], ref[mb] if ref is not None else None, advantages[mb],
-                                     resp_mask[mb], c.cliprange, c.cliprange_high, c.beta, c.loss_type,
-                                     max_response_length=c.response_length)
-                self.checked_backward(loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                for k, v in (("loss", loss), *st.items()):
-                    stats[k].append(v.detach())
-        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
+
+        def step(mb):
+            logits = response_logits(self.policy, ids[mb], mask[mb], Q)
+            new = core.logprobs_from_logits(logits, responses[mb], c.temperature)
+            loss, st = grpo_loss(new, old[mb], ref[mb] if ref is not None else None, advantages[mb], resp_mask[mb],
+                                 c.cliprange, c.cliprange_high, c.beta, c.loss_type, max_response_length=c.response_length)
+            self.checked_backward(loss)
+            return new, {"loss": loss, **st}
+
+        avg = self.minibatch_steps(roll, c.num_iterations, c.num_mini_batches, step)
         std_in_group = roll["scores"].view(-1, c.num_generations).std(dim=1)
         m = {"loss/policy_avg": avg["loss"], "policy/clipfrac_avg": avg["clipfrac"], "policy/ratio": avg["ratio"],
              "objective/kl_coef": c.beta, "objective/reward_std_in_group": std_in_group.mean(),
              "objective/frac_reward_zero_std": (std_in_group == 0).float().mean(),
-             "policy/logprob_gap": gap[0], "policy/logprob_gap_max": gap[1]}
+             "policy/logprob_gap": avg["logprob_gap"], "policy/logprob_gap_max": avg["logprob_gap_max"]}
         if c.beta > 0:
             m["policy/kl_k3"] = avg["kl"]
         return m, {"policy_loss": "loss/policy_avg", "value_loss": "", "clipfrac": "policy/clipfrac_avg",

@@ -273,6 +273,31 @@ class OnlineRLModule(Stage):
         """
         raise NotImplementedError
 
+    def minibatch_steps(self, roll: dict, epochs: int, num_mini_batches: int, step) -> dict[str, torch.Tensor]:
+        """`epochs` shuffled passes over the rollout, `num_mini_batches` optimizer steps each.
+
+        `step(mb)` runs one minibatch (indices `mb`): forward, losses, `checked_backward`; it returns
+        the new log-probs of the minibatch's responses and a dict of scalar stats. Returns each stat's
+        mean over the steps, plus `logprob_gap` and `logprob_gap_max` from the first minibatch (before
+        any optimizer step, where every ratio must be exactly 1).
+        """
+        opt = self.optimizers()
+        stats: dict[str, list] = {}
+        gap = None
+        for _ in range(epochs):
+            order = torch.randperm(roll["ids"].shape[0], device=self.device, generator=roll["generator"])
+            for mb in order.split(self.cfg.batch_size // num_mini_batches):
+                new_logprobs, st = step(mb)
+                if gap is None:
+                    gap = self.logprob_gap(new_logprobs.detach(), roll["logprobs"][mb], roll["resp_mask"][mb])
+                opt.step()  # clips each trained model's gradients first (`on_before_optimizer_step`)
+                opt.zero_grad(set_to_none=True)  # freed now, not held through the next rollout
+                for k, v in st.items():
+                    stats.setdefault(k, []).append(v.detach())
+        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
+        avg["logprob_gap"], avg["logprob_gap_max"] = gap
+        return avg
+
     def logprob_gap(self, new_logprobs, old_logprobs, resp_mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and max |training forward - rollout| log-prob of the same tokens, before any step.
 

@@ -122,46 +122,38 @@ class PPOModule(OnlineRLModule):
         self.tick("scoring")
 
         # 3b. PPO epochs over shuffled minibatches, one optimizer step each.
-        opt = self.optimizers()
-        stats: dict[str, list] = {k: [] for k in ("pg_loss", "vf_loss", "pg_clipfrac", "vf_clipfrac", "approxkl", "ratio", "entropy")}
-        gap = None
-        for _ in range(c.num_ppo_epochs):
-            for mb in torch.randperm(B, device=self.device, generator=roll["generator"]).split(c.mini_batch_size):
-                h = backbone_hidden(self.policy, ids[mb], mask[mb])
-                new_logits = response_logits(self.policy, ids[mb], mask[mb], Q, hidden=h)
-                new_logprobs = core.logprobs_from_logits(new_logits, responses[mb], c.temperature)
-                if gap is None:  # the first minibatch runs before any optimizer step: ratios must be exactly 1
-                    gap = self.logprob_gap(new_logprobs.detach(), logprobs[mb], resp_mask[mb])
-                pg_loss, pg = F.policy_loss(new_logprobs, logprobs[mb], advantages[mb], resp_mask[mb], c.cliprange)
-                # The models share no weight, so two backward passes give the same gradients as one, and the
-                # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
-                # small peaks ~300 MB lower. DDP's gradient reducer wants one backward per step.
-                separate = c.value_model == "separate" and self.trainer.world_size == 1
-                if separate:
-                    self.checked_backward(pg_loss)
-                vpred = self._values(ids[mb], mask[mb], Q, h)
-                vf_loss, vf = F.value_loss(vpred, values[mb], returns[mb], resp_mask[mb], c.cliprange_value)
-                self.checked_backward(c.vf_coef * vf_loss if separate else pg_loss + c.vf_coef * vf_loss)
-                opt.step()  # clips each model's gradients first (`on_before_optimizer_step`)
-                opt.zero_grad(set_to_none=True)  # freed now, not held through the next rollout; next backward starts clean
-                with torch.no_grad():
-                    ent = core.masked_mean(core.entropy_from_logits(new_logits.detach(), c.temperature), resp_mask[mb])
-                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("pg_clipfrac", pg["clipfrac"]),
-                             ("vf_clipfrac", vf["clipfrac"]), ("approxkl", pg["approxkl"]), ("ratio", pg["ratio"]),
-                             ("entropy", ent)):
-                    stats[k].append(v.detach())
+        def step(mb):
+            h = backbone_hidden(self.policy, ids[mb], mask[mb])
+            new_logits = response_logits(self.policy, ids[mb], mask[mb], Q, hidden=h)
+            new_logprobs = core.logprobs_from_logits(new_logits, responses[mb], c.temperature)
+            pg_loss, pg = F.policy_loss(new_logprobs, logprobs[mb], advantages[mb], resp_mask[mb], c.cliprange)
+            # The models share no weight, so two backward passes give the same gradients as one, and the
+            # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
+            # small peaks ~300 MB lower. DDP's gradient reducer wants one backward per step.
+            separate = c.value_model == "separate" and self.trainer.world_size == 1
+            if separate:
+                self.checked_backward(pg_loss)
+            vpred = self._values(ids[mb], mask[mb], Q, h)
+            vf_loss, vf = F.value_loss(vpred, values[mb], returns[mb], resp_mask[mb], c.cliprange_value)
+            self.checked_backward(c.vf_coef * vf_loss if separate else pg_loss + c.vf_coef * vf_loss)
+            with torch.no_grad():
+                ent = core.masked_mean(core.entropy_from_logits(new_logits.detach(), c.temperature), resp_mask[mb])
+            return new_logprobs, {"pg_loss": pg_loss, "vf_loss": vf_loss, "pg_clipfrac": pg["clipfrac"],
+                                  "vf_clipfrac": vf["clipfrac"], "approxkl": pg["approxkl"], "ratio": pg["ratio"],
+                                  "entropy": ent}
+
+        avg = self.minibatch_steps(roll, c.num_ppo_epochs, c.num_mini_batches, step)
 
         # 3c. KL controller: under DDP every rank keeps the same coefficient, following the global mean KL.
         mean_kl = self.mean_over_ranks(kl.sum(1).mean().detach().double())
         self.kl_ctl.update(mean_kl.item(), B * self.trainer.world_size)
-        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
         nsr = non_score.sum(1).mean()
         m = {"objective/kl": kl.sum(1).mean(), "objective/non_score_reward": nsr,
              "objective/rlhf_reward": scores.mean() + nsr, "objective/kl_coef": self.kl_ctl.value,
              "policy/approxkl_avg": avg["approxkl"], "policy/clipfrac_avg": avg["pg_clipfrac"],
              "policy/entropy_avg": avg["entropy"], "loss/policy_avg": avg["pg_loss"], "loss/value_avg": avg["vf_loss"],
              "value/clipfrac_avg": avg["vf_clipfrac"], "value/ratio": avg["ratio"],
-             "policy/logprob_gap": gap[0], "policy/logprob_gap_max": gap[1]}
+             "policy/logprob_gap": avg["logprob_gap"], "policy/logprob_gap_max": avg["logprob_gap_max"]}
         csv = {"policy_loss": "loss/policy_avg", "value_loss": "loss/value_avg", "kl_divergence": "objective/kl",
                "kl_coef": "objective/kl_coef", "approxkl": "policy/approxkl_avg", "clipfrac": "policy/clipfrac_avg",
                "logprob_gap_max": "policy/logprob_gap_max"}

@@ -69,27 +69,19 @@ class RLOOModule(OnlineRLModule):
         if c.normalize_advantage:
             advantages = core.masked_whiten(advantages, torch.ones_like(advantages, dtype=torch.bool),
                                             all_reduce=self.sum_over_ranks)
-        opt = self.optimizers()
-        stats: dict[str, list] = {k: [] for k in ("loss", "clipfrac", "ratio", "approxkl")}
-        gap = None
-        for _ in range(c.num_ppo_epochs):
-            for mb in torch.randperm(ids.shape[0], device=self.device, generator=roll["generator"]).split(
-                    c.batch_size // c.num_mini_batches):
-                logits = response_logits(self.policy, ids[mb], mask[mb], Q)
-                new = core.logprobs_from_logits(logits, responses[mb], c.temperature)
-                if gap is None:  # before any optimizer step: ratios must be exactly 1
-                    gap = self.logprob_gap(new.detach(), old[mb], resp_mask[mb])
-                loss, st = rloo_loss(new, old[mb], advantages[mb], resp_mask[mb], c.cliprange)
-                self.checked_backward(loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                for k, v in (("loss", loss), *st.items()):
-                    stats[k].append(v.detach())
-        avg = {k: torch.stack(v).mean() for k, v in stats.items()}
+
+        def step(mb):
+            logits = response_logits(self.policy, ids[mb], mask[mb], Q)
+            new = core.logprobs_from_logits(logits, responses[mb], c.temperature)
+            loss, st = rloo_loss(new, old[mb], advantages[mb], resp_mask[mb], c.cliprange)
+            self.checked_backward(loss)
+            return new, {"loss": loss, **st}
+
+        avg = self.minibatch_steps(roll, c.num_ppo_epochs, c.num_mini_batches, step)
         m = {"loss/policy_avg": avg["loss"], "policy/clipfrac_avg": avg["clipfrac"], "policy/ratio": avg["ratio"],
              "policy/approxkl_avg": avg["approxkl"], "objective/kl": kl.mean(), "objective/kl_coef": c.kl_coef,
-             "objective/rlhf_reward": rewards.mean(), "policy/logprob_gap": gap[0],
-             "policy/logprob_gap_max": gap[1]}
+             "objective/rlhf_reward": rewards.mean(), "policy/logprob_gap": avg["logprob_gap"],
+             "policy/logprob_gap_max": avg["logprob_gap_max"]}
         return m, {"policy_loss": "loss/policy_avg", "value_loss": "", "kl_divergence": "objective/kl",
                    "clipfrac": "policy/clipfrac_avg", "approxkl": "policy/approxkl_avg",
                    "logprob_gap_max": "policy/logprob_gap_max", "kl_coef": "objective/kl_coef"}
