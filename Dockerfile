@@ -5,7 +5,7 @@
 #   docker run --gpus all -v "$PWD/outputs:/app/outputs" -v /data:/data -v /models:/models rlhf-lightning \
 #       experiment=gpt2_hh trainer=gpu model.name_or_path=/models/gpt2 data.data_files=/data/hh/train.jsonl
 #   docker run --gpus all -v "$PWD/outputs:/app/outputs" --entrypoint python rlhf-lightning \
-#       -m rlhf.evaluate outputs/runs/DATE/TIME      # any other command of the project
+#       -m rlhf.evaluation outputs/runs/DATE/TIME      # any other command of the project
 #
 # Runs land in /app/outputs (Hydra's run directory is relative to the working directory): mount it.
 FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04

@@ -5,14 +5,14 @@
     python train.py model=gpt2 lr=3e-5                # real GPT-2
     python train.py -m algo=ppo,grpo lr=1e-4,3e-4 kl_coef=0.02,0.05   # sweep
 
-A thin Hydra wrapper around `rlhf.pipeline.train`.
+A thin Hydra wrapper around `rlhf.training.pipeline.train`.
 """
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from rlhf.config import register_configs
+from rlhf.training.config import register_configs
 
 register_configs()  # typed schemas behind conf/stages, conf/reward and conf/model
 
@@ -31,13 +31,13 @@ def _resume_into_run_dir(argv: list[str]) -> None:
 def main(cfg: DictConfig) -> float | None:
     from rlhf.data import DataError
     from rlhf.errors import UserError
-    from rlhf.pipeline import train
+    from rlhf.training.pipeline import train
 
     try:
         if cfg.get("resume"):
             from hydra.core.hydra_config import HydraConfig
 
-            from rlhf.pipeline import resume_config
+            from rlhf.training.pipeline import resume_config
 
             cfg = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
         summary = train(cfg)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rlhf.config import register_configs
+from rlhf.training.config import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
@@ -48,7 +48,7 @@ def compose_cfg():
 @pytest.fixture(scope="session")
 def trained_artifacts(tmp_path_factory):
     """One tiny run of SFT then RM (algo=rm: SFT then RM); returns paths and the summary."""
-    from rlhf.pipeline import train
+    from rlhf.training.pipeline import train
 
     run = tmp_path_factory.mktemp("artifacts") / "run"
     cfg = compose_train(run, "stage=all", "algo=rm", *TINY_DATA, *TINY_SFT, *TINY_RM,

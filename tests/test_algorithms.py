@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rlhf.errors import ConfigError
-from rlhf.pipeline import plan_stages, train
+from rlhf.training.pipeline import train
+from rlhf.training.plan import plan_stages
 from rlhf.stages import stages
 
 from conftest import TINY_DATA, compose_train
@@ -30,7 +31,7 @@ TARGET_KL = 6.0
     (["algo=rloo"], ["sft", "rm", "rloo"]),
     (["algo=dpo"], ["sft", "dpo"]),
     (["algo=rm"], ["sft", "rm"]),
-    (["algo=grpo", "reward.fn=rlhf.rewards.synthetic_gold"], ["sft", "grpo"]),
+    (["algo=grpo", "reward.fn=rlhf.training.rewards.synthetic_gold"], ["sft", "grpo"]),
     (["algo=ppo", "reward.model_path=/some/rm"], ["sft", "ppo"]),
     (["algo=grpo", "grpo.policy_path=/some/policy", "reward.model_path=/some/rm"], ["grpo"]),
     (["stage=rm"], ["rm"]),
@@ -47,7 +48,7 @@ def test_every_stage_declares_its_contract():
 
 
 def test_root_lr_and_kl_coef_feed_the_algorithm(tmp_path):
-    from rlhf.pipeline import apply_root_settings
+    from rlhf.training.plan import apply_root_settings
 
     for algo, kl_field in (("ppo", "kl_coef"), ("grpo", "beta"), ("rloo", "kl_coef"), ("dpo", "beta")):
         cfg = compose_train(tmp_path, f"algo={algo}", "lr=1e-4", "kl_coef=0.02")

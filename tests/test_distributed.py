@@ -14,7 +14,7 @@ import torch
 
 from rlhf.algorithms.core import masked_whiten
 from rlhf.data.sampler import ResumableShuffleSampler
-from rlhf.pipeline import resume_config, train
+from rlhf.training.pipeline import resume_config, train
 from rlhf.stages.ppo import PPOModule
 
 from conftest import TINY_DATA, TINY_PPO, compose_train
@@ -222,6 +222,6 @@ def test_too_little_free_disk_fails_before_any_model(tmp_path, monkeypatch):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 * 2**30, 10 * 2**30 - 2**28, 2**28))
-    monkeypatch.setattr("rlhf.pipeline.load_tokenizer", lambda *a, **k: pytest.fail("got past preflight"))
+    monkeypatch.setattr("rlhf.training.pipeline.load_tokenizer", lambda *a, **k: pytest.fail("got past preflight"))
     with pytest.raises(UserError, match=r"has 0\.2 GiB free, paths\.min_free_gb=1"):
         train(compose_train(tmp_path / "run", "debug=fast"))

@@ -72,7 +72,7 @@ def test_multirun_sweep_then_analysis(tmp_path):
 @pytest.mark.slow
 def test_reward_model_learns_gold_preferences(tmp_path, compose_cfg):
     """`python train.py stage=rm`: held-out accuracy against the gold labels >= 0.90 (about 30 s here)."""
-    from rlhf.pipeline import train
+    from rlhf.training.pipeline import train
 
     summary = train(compose_cfg(tmp_path, "stage=rm"))
     assert summary["rm_accuracy"] >= 0.90, summary

@@ -1,4 +1,4 @@
-"""`python -m rlhf.evaluate` on a real (tiny) run, its metric functions, and the model cards."""
+"""`python -m rlhf.evaluation` on a real (tiny) run, its metric functions, and the model cards."""
 import json
 import math
 import subprocess
@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import compose_train
-from rlhf import evaluate as ev
-from rlhf.model_card import front_matter, write_model_card
+from rlhf.evaluation import evaluate as ev
+from rlhf.deploy.model_card import front_matter, write_model_card
 
 # debug=fast, trimmed further: the run only has to exist, not to learn.
 FAST_RUN = ["debug=fast", "sft.batch_size=4", "sft.val_batches=1", "rm.batch_size=8", "rm.val_batches=1",
@@ -19,13 +19,13 @@ PAIRED = ("reward", "gold", "length", "distinct_1", "distinct_2")
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rlhf.evaluate", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "rlhf.evaluation", *map(str, args)], capture_output=True, text=True,
                           timeout=120)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from rlhf.pipeline import train
+    from rlhf.training.pipeline import train
 
     run = tmp_path_factory.mktemp("eval") / "run"
     train(compose_train(run, *FAST_RUN))
@@ -88,7 +88,7 @@ def test_cli_writes_eval_json_table_and_card(run):
 
 
 def test_kl_is_zero_when_policy_is_the_reference(run):
-    from rlhf.inference import RunArtifacts
+    from rlhf.deploy.runs import RunArtifacts
 
     art = RunArtifacts(run)
     same_as_ref = art._causal_lm(art.reference_dir)  # a separate copy of the SFT weights, not the same object
@@ -123,7 +123,7 @@ def test_missing_export_is_one_error_line(tmp_path, capsys):
 
 
 def test_stage_flag_picks_the_policy_and_names_the_choices(run, capsys):
-    from rlhf.inference import RunArtifacts
+    from rlhf.deploy.runs import RunArtifacts
 
     assert RunArtifacts(run).stage == "ppo" and RunArtifacts(run, stage="sft").policy_dir == run / "sft" / "model"
     assert ev.main([str(run), "--stage", "rm", "--no-card"]) == 1  # a reward model is no policy

@@ -69,7 +69,7 @@ def test_reference_experiment_runs_at_gpt2_size(tmp_path, compose_cfg):
     state) take 6 GB, more than a CI machine may have free; the exports (2 GB) are what is checked."""
     import shutil
 
-    from rlhf.pipeline import train
+    from rlhf.training.pipeline import train
 
     ckpt = save_random_gpt2(tmp_path / "gpt2")
     data = tmp_path / "hh.jsonl"

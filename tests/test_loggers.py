@@ -1,7 +1,7 @@
 """Optional loggers: W&B in offline mode (skipped when the `wandb` extra is not installed)."""
 import pytest
 
-from rlhf.pipeline import train
+from rlhf.training.pipeline import train
 
 
 def test_wandb_logger_offline(tmp_path, monkeypatch, compose_cfg):

@@ -15,7 +15,7 @@ from rlhf.algorithms.core import logprobs_from_logits
 from rlhf.errors import ConfigError
 from rlhf.models.lora import LoRAConfig, add_lora, adapter_disabled, has_lora
 from rlhf.models.sampling import response_logits, sample
-from rlhf.pipeline import train
+from rlhf.training.pipeline import train
 from rlhf.stages.ppo import PPOModule
 from rlhf.stages.reward_model import RewardModelModule
 from rlhf.stages.sft import SFTModule

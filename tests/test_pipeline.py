@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from rlhf.data import DataError
 from rlhf.errors import ConfigError, UserError
-from rlhf.pipeline import apply_root_settings, plan_stages, train
+from rlhf.training.pipeline import train
+from rlhf.training.plan import apply_root_settings, plan_stages
 from rlhf.stages import stages
 
 from conftest import REPO, RM_STEPS, SFT_STEPS, TINY_DATA, TINY_RM, compose_train
@@ -83,7 +84,7 @@ BAD_VALUES = [
     (["stage=nonesuch"], r"^stage=nonesuch: unknown stage; expected all or one of sft, rm, .*ppo"),
     (["stage=ppo"], r"^ppo: no reward source: set reward\.fn=.*reward\.model_path=DIR"),
     (["reward.fn=no_such_module.fn"], r"reward\.fn.*no_such_module"),
-    (["reward.fn=rlhf.rewards.synthetic_gold", "reward.weights=[1,2]"], r"reward\.weights has 2 entries for 1"),
+    (["reward.fn=rlhf.training.rewards.synthetic_gold", "reward.weights=[1,2]"], r"reward\.weights has 2 entries for 1"),
 ]
 
 

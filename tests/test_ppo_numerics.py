@@ -16,7 +16,7 @@ from rlhf.algorithms.core import truncate_after_stop
 from rlhf.models.reward import token_values
 from rlhf.models.sampling import response_logits, sample
 from rlhf.stages.common import adamw, clip_each
-from rlhf.pipeline import build_stage
+from rlhf.training.plan import build_stage
 from rlhf.stages import Inputs
 from rlhf.stages.ppo import PPOModule
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from rlhf.algorithms.core import logprobs_from_logits, truncate_after_stop
 from rlhf.errors import UserError
 from rlhf.models.sampling import response_logits, sample
-from rlhf.pipeline import train
-from rlhf.pipeline import build_stage
+from rlhf.training.pipeline import train
+from rlhf.training.plan import build_stage
 from rlhf.stages import Inputs
 from rlhf.stages.ppo import PPOModule
 

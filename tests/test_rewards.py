@@ -1,4 +1,4 @@
-"""Reward sources (`rlhf/rewards.py`): loading reward functions by dotted path, checking their output,
+"""Reward sources (`rlhf/training/rewards.py`): loading reward functions by dotted path, checking their output,
 resolving which sources a run uses, and the synthetic gold reward."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from rlhf.data.synthetic import SyntheticPreferences, generate_pairs
 from rlhf.errors import ConfigError, UserError
-from rlhf.rewards import (RewardConfig, RewardFunctions, load_function, load_functions, sources,
+from rlhf.training.rewards import (RewardConfig, RewardFunctions, load_function, load_functions, sources,
                           synthetic_gold)
 
 THEIR_MODULE = """
@@ -178,5 +178,5 @@ def test_synthetic_gold_ranks_chosen_above_rejected():
     assert all(c > r for c, r in zip(chosen, rejected))
     assert chosen == [SyntheticPreferences.gold(p.prompt, p.chosen) for p in pairs]
     # As a reward fn by dotted path, the "true reward" upper-bound run.
-    fns = load_functions(sources(RewardConfig(fn="rlhf.rewards.synthetic_gold"), has_rm_stage=False))
+    fns = load_functions(sources(RewardConfig(fn="rlhf.training.rewards.synthetic_gold"), has_rm_stage=False))
     assert fns(prompts, [p.chosen for p in pairs], update=0).tolist() == pytest.approx(chosen)

@@ -1,4 +1,4 @@
-"""`python -m rlhf.serve` and `python -m rlhf.generate` against a real (debug=fast) run: real HTTP
+"""`python -m rlhf.deploy.serve` and `python -m rlhf.deploy.generate` against a real (debug=fast) run: real HTTP
 requests to a server on a free port, every refusal's status and message, and both CLIs (~60 s)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.serve import is_loopback, make_server
+from rlhf.deploy.serve import is_loopback, make_server
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "\n\nHuman: Any tips on cooking?\n\nAssistant:"
@@ -72,7 +72,7 @@ def test_health(server, run_dir):
 
 
 def test_generate_reward_is_the_runs_reward_model_score(server, run_dir):
-    from rlhf.inference import RunArtifacts
+    from rlhf.deploy.runs import RunArtifacts
 
     status, body = request(server, "POST", "/generate", {"prompt": PROMPT, "max_new_tokens": 8})
     assert status == 200, body
@@ -170,7 +170,7 @@ def cli(*args, timeout=120):
 
 
 def test_generate_cli(run_dir):
-    proc = cli("rlhf.generate", str(run_dir), "--prompt", "Any tips on cooking?", "--num-samples", "2",
+    proc = cli("rlhf.deploy.generate", str(run_dir), "--prompt", "Any tips on cooking?", "--num-samples", "2",
                "--max-new-tokens", "6", "--seed", "0", "--json")
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -179,16 +179,16 @@ def test_generate_cli(run_dir):
     assert all(isinstance(r["completion"], str) and math.isfinite(r["reward"]) for r in rows)
 
 
-@pytest.mark.parametrize("module", ["rlhf.generate", "rlhf.serve"])
+@pytest.mark.parametrize("module", ["rlhf.deploy.generate", "rlhf.deploy.serve"])
 def test_cli_missing_run_dir_is_one_line_error(tmp_path, module):
-    extra = ["--prompt", "hi"] if module == "rlhf.generate" else []
+    extra = ["--prompt", "hi"] if module == "rlhf.deploy.generate" else []
     proc = cli(module, str(tmp_path / "missing"), *extra)
     assert proc.returncode == 1
     assert proc.stdout == "" and proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1
 
 
 def test_serve_cli_port_0_then_clean_shutdown(run_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf.serve", str(run_dir), "--port", "0"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf.deploy.serve", str(run_dir), "--port", "0"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

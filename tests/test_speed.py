@@ -94,7 +94,7 @@ def test_generation_autocast_cache_changes_nothing_and_is_emptied():
 
 PAGE_FAULTS = """
 import resource, sys, torch
-from rlhf.memory import keep_freed_memory
+from rlhf.training.memory import keep_freed_memory
 if sys.argv[1] == "on":
     assert keep_freed_memory()
 def faults():

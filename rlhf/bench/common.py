@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhf.memory import current_rss_mb, peak_rss_mb  # noqa: F401  (re-exported for both bench sides)
+from rlhf.training.memory import current_rss_mb, peak_rss_mb  # noqa: F401  (re-exported for both bench sides)
 
 PAD_ID = 50256  # GPT-2's eos, also its pad
 SEED = 1234  # weights, prompts and sampling

@@ -3,7 +3,7 @@
     python -m rlhf.bench.ours ARGS_JSON     (started by `python -m rlhf.bench`, one process per run)
 
 The config is composed from conf/train.yaml exactly as `train.py` composes it, and the module,
-datamodule and Lightning Trainer are built as `rlhf.pipeline.run_stage` builds them, minus the
+datamodule and Lightning Trainer are built as `rlhf.training.pipeline.run_stage` builds them, minus the
 checkpoint/metrics/progress callbacks, the logger and the end-of-stage export and evaluation
 (none of which TRL's timed loop does either). A Lightning callback stamps the end of every update.
 """
@@ -25,7 +25,7 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    from rlhf.config import register_configs
+    from rlhf.training.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -76,10 +76,10 @@ def run(a: dict, root: str) -> dict:
     from omegaconf import OmegaConf
 
     from rlhf.data import PreferenceDataModule, PreferencePair, PreferenceSplits
-    from rlhf.memory import keep_freed_memory
+    from rlhf.training.memory import keep_freed_memory
     from rlhf.models.causal_lm import ModelConfig
     from rlhf.models.tokenizer import load_tokenizer
-    from rlhf.pipeline import stage_config
+    from rlhf.training.plan import stage_config
     from rlhf.stages import Inputs
 
     import rlhf.stages.ppo  # noqa: F401  (the stages' imports count in the baseline RSS)
@@ -110,7 +110,7 @@ def run(a: dict, root: str) -> dict:
         key = "rm"
         pairs = [PreferencePair(**p) for p in data["pairs"][: s.batch * updates]]
     cfg = compose(common + overrides)
-    if cfg.keep_freed_memory:  # as `rlhf.pipeline.train` does
+    if cfg.keep_freed_memory:  # as `rlhf.training.pipeline.train` does
         keep_freed_memory()
     pl.seed_everything(a["seed"], workers=True)
     cls, conf = stage_config(cfg, key)

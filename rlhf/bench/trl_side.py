@@ -206,7 +206,7 @@ def main() -> None:
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"  # see the module docstring
     set_threads(a["threads"])
     if a.get("kernels") == "ours":
-        from rlhf.memory import keep_freed_memory
+        from rlhf.training.memory import keep_freed_memory
 
         keep_freed_memory()
     warnings.filterwarnings("ignore")

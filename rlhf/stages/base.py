@@ -22,7 +22,7 @@ class Inputs:
     """What a stage is built from: earlier stages' exports or user-given paths, and run-wide facts."""
     policy: str | None = None  # HF directory of the starting policy (None: the model config's weights)
     reward_model: str | None = None  # HF directory of a reward model (rm stage export or reward.model_path)
-    reward_fns: Any = None  # `rlhf.rewards.RewardFunctions` from reward.fn, or None
+    reward_fns: Any = None  # `rlhf.training.rewards.RewardFunctions` from reward.fn, or None
     reward_model_weight: float = 1.0  # the reward model's weight beside reward functions
     pad_token_id: int = 50256
     gold: Callable[[str, str], float] | None = None  # ground truth (prompt, response) -> float, when known

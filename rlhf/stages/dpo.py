@@ -220,7 +220,7 @@ class DPOModule(Stage):
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
         """Export the policy; sample it and the reference on held-out prompts (gold reward, win rate, KL)."""
         from rlhf.data import PreferenceDataModule
-        from rlhf.evaluate import compare_policies
+        from rlhf.evaluation.held_out import compare_policies
 
         c = self.cfg
         out = export_hf(self.policy, self.tokenizer, Path(stage_dir) / "model")

@@ -385,7 +385,7 @@ class OnlineRLModule(Stage):
         return export_hf(self.policy, self.tokenizer, stage_dir / "model")
 
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
-        from rlhf.evaluate import compare_policies
+        from rlhf.evaluation.held_out import compare_policies
 
         out = self.export(Path(stage_dir))
         if self.ref_policy is None and not self.model_cfg.lora:  # the start policy, to compare against

@@ -1,6 +1,6 @@
 """Time analysis.compute_metrics on a synthetic 1,000,000-row PPO log (target: < 2 s on one core).
 
-Usage: python benchmarks/analysis_metrics.py [--rows 1000000] [--repeat 5] [--with-load]
+Usage: python -m rlhf.bench.analysis_metrics [--rows 1000000] [--repeat 5] [--with-load]
 
 The process is pinned to one CPU (where the OS allows) and BLAS/OpenMP pools to
 one thread. ``--with-load`` also writes the log to a temporary CSV and times

@@ -3,7 +3,7 @@
     write_model_card("RUN/ppo/model", "ppo", config, metrics, eval=None)
 
 `config` is the run's resolved config as a plain dict (what `config.yaml` holds), `metrics` the
-stage's result (`summary.json["stages"][stage]`), `eval` what `python -m rlhf.evaluate` measured.
+stage's result (`summary.json["stages"][stage]`), `eval` what `python -m rlhf.evaluation` measured.
 The card has YAML front matter the Hub reads (library_name, tags, pipeline_tag, base_model,
 datasets), then: how the model was made (stage, base model, data, the stage's hyperparameters,
 seed), the run's final metrics, the evaluation (when given) and how to load it with plain
@@ -32,7 +32,7 @@ NOT_HYPERPARAMETERS = {"_target_", "val_every", "val_batches", "sample_every", "
 # Result keys that are not metrics.
 NOT_METRICS = {"model_dir", "metrics_csv", "samples", "run_dir"}
 
-# Human names of the metrics `rlhf.evaluate` and the stages report (unknown keys show as themselves).
+# Human names of the metrics `rlhf.evaluation` and the stages report (unknown keys show as themselves).
 METRIC_LABELS = {
     "reward": "reward-model score (mean)",
     "gold": "gold score (mean)",
@@ -202,7 +202,7 @@ def _eval_section(ev: dict) -> list[str]:
     singles.sort(key=lambda kv: (list(METRIC_LABELS).index(kv[0]) if kv[0] in METRIC_LABELS else len(METRIC_LABELS)))
     rows += [(METRIC_LABELS.get(k, k), _fmt(v), "") for k, v in singles]
     setup = ", ".join(f"{k.replace('_', ' ')} {_fmt(ev[k])}" for k in EVAL_SETTINGS if ev.get(k) is not None)
-    intro = ("`python -m rlhf.evaluate`: one sampled response per held-out prompt from this model and from the "
+    intro = ("`python -m rlhf.evaluation`: one sampled response per held-out prompt from this model and from the "
              "SFT (reference) policy, scored by the run's reward model"
              + (" and by the data's gold function" if any(k.startswith("gold") for k in ev) else "")
              + ". Win rates count ties as half." + (f" Setup: {setup}." if setup else ""))

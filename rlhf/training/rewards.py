@@ -1,7 +1,7 @@
 """Reward sources for the online RL stages (PPO, GRPO, RLOO): a reward model, Python functions, or both.
 
     python train.py algo=grpo reward.fn=my_module.my_function             # a rule-based / verifiable reward
-    python train.py algo=grpo 'reward.fn=[rlhf.rewards.synthetic_gold,my_module.brevity]' reward.weights=[1,0.1]
+    python train.py algo=grpo 'reward.fn=[rlhf.training.rewards.synthetic_gold,my_module.brevity]' reward.weights=[1,0.1]
     python train.py algo=ppo reward.model_path=RUN/rm/model reward.fn=my_module.f reward.weights=[1,0.5]
 
 A reward function is any callable `(prompts: list[str], responses: list[str]) -> list[float]`, named
@@ -247,7 +247,7 @@ def _synthetic_source():
 
 
 def synthetic_gold(prompts: list[str], responses: list[str]) -> list[float]:
-    """The synthetic task's gold reward as a reward fn: `reward.fn=rlhf.rewards.synthetic_gold`
+    """The synthetic task's gold reward as a reward fn: `reward.fn=rlhf.training.rewards.synthetic_gold`
     trains on the true reward (an upper bound for runs that only see the reward model)."""
     gold = _synthetic_source().gold
     return [gold(p, r) for p, r in zip(prompts, responses, strict=True)]

@@ -1,6 +1,6 @@
 """Evaluate a finished run's policy against its SFT (reference) policy on held-out prompts.
 
-    python -m rlhf.evaluate RUN_DIR [--stage grpo] [--prompts 200] [--max-new-tokens N] [--temperature T]
+    python -m rlhf.evaluation RUN_DIR [--stage grpo] [--prompts 200] [--max-new-tokens N] [--temperature T]
 
 The prompts are the first `--prompts` of the validation split of the run's data config (the pairs
 no stage trained on). The policy (the run's last policy stage, e.g. `ppo/model`, or `--stage`'s) and
@@ -30,192 +30,11 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 from rlhf.errors import UserError
-
-N_SAMPLES = 5  # example responses kept in eval.json
-EVAL_BATCH = 32  # prompts per sampling batch in the end-of-stage comparison
-
-
-# ----- metrics on plain Python values -----
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """The n-grams of one token sequence, in order: len(tokens) - n + 1 of them (none if shorter)."""
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def distinct_n(texts: Iterable[str], n: int, tokenize: Callable[[str], Sequence[str]] = str.split) -> float:
-    """distinct-n (Li et al., 2016): |unique n-grams| / |n-grams|, counted over all texts together.
-
-    Texts are split into tokens by `tokenize` (whitespace words by default); n-grams never cross
-    text boundaries. 1.0 means no n-gram repeats anywhere, values near 0 mean the same phrases
-    again and again. Returns 0.0 when there are no n-grams at all (every text shorter than n).
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    grams = [g for t in texts for g in ngrams(tokenize(t), n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
-    """mean_i [a_i > b_i] + 0.5 [a_i = b_i]: how often `a` beats `b` item by item, ties half."""
-    if len(a) != len(b):
-        raise ValueError(f"win_rate needs paired scores, got {len(a)} and {len(b)}")
-    if not a:
-        return float("nan")
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
-
-
-def mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-# ----- model calls -----
-
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_length: int | None):
-    """Left-padded prompt ids and mask, each prompt cut to its LAST `max_prompt_length` tokens (as PPO)."""
-    import torch
-
-    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    if max_prompt_length:
-        ids = [x[-max_prompt_length:] for x in ids]
-    width = max(1, max(len(x) for x in ids))
-    out = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        if x:
-            out[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
-    return out, mask
-
-
-def sequence_logprobs(model, queries, query_mask, responses, response_mask, temperature: float = 1.0):
-    """sum_t log softmax(logits_t / temperature)[y_t] over each row's response tokens where response_mask; [B]."""
-    import torch
-
-    from rlhf.algorithms.core import logprobs_from_logits
-    from rlhf.models.sampling import response_logits
-
-    with torch.no_grad():
-        ids = torch.cat([queries, responses], 1)
-        mask = torch.cat([query_mask, response_mask.long()], 1)
-        logp = logprobs_from_logits(response_logits(model, ids, mask, queries.shape[1]), responses, temperature)
-        return torch.where(response_mask.bool(), logp, torch.zeros_like(logp)).sum(1)
-
-
-def sequence_kl(policy, reference, queries, query_mask, responses, response_mask, temperature: float = 1.0):
-    """k1 estimate of KL(policy || reference) per sequence: sum_t log pi(y_t) - log pi_ref(y_t); [B].
-
-    `responses` must be samples of `policy`. Both log-probs come from the same full forward pass
-    (not the sampler's cached logits), so the estimate is 0 when `policy` has the reference's weights.
-    """
-    lp = sequence_logprobs(policy, queries, query_mask, responses, response_mask, temperature)
-    return lp - sequence_logprobs(reference, queries, query_mask, responses, response_mask, temperature)
-
-
-def rollout(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, stop_id: int | None,
-            max_prompt_length: int | None = None, batch_size: int = 32, seed: int | None = 0, reference=None,
-            device="cpu") -> dict:
-    """One sampled response per prompt: {"texts", "lengths"} and, with `reference`, per-sequence "kl"."""
-    import torch
-
-    from rlhf.algorithms.core import truncate_after_stop
-    from rlhf.models.sampling import sample
-
-    if seed is not None:
-        torch.manual_seed(seed)
-    texts, lengths, kl = [], [], []
-    for i in range(0, len(prompts), batch_size):
-        q, qm = encode_prompts(tokenizer, prompts[i:i + batch_size], max_prompt_length)
-        q, qm = q.to(device), qm.to(device)
-        resp, _ = sample(policy, q, qm, max_new_tokens, temperature, tokenizer.pad_token_id, stop_id)
-        resp, rmask, _ = truncate_after_stop(resp, stop_id, tokenizer.pad_token_id)
-        texts += [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
-        lengths += rmask.sum(1).tolist()
-        if reference is not None:
-            kl += sequence_kl(policy, reference, q, qm, resp, rmask, temperature).tolist()
-    out = {"texts": texts, "lengths": [float(x) for x in lengths]}
-    if reference is not None:
-        out["kl"] = kl
-    return out
-
-
-# ----- inside training: the comparison at the end of a policy stage -----
-
-def _rollout_batch(module, policy, batch) -> dict:
-    """`rollout` on one datamodule batch, with the module's settings, reward and reference."""
-    import torch
-
-    from rlhf.algorithms import core
-    from rlhf.models.lora import reference_policy
-    from rlhf.models.sampling import sample
-
-    c = module.cfg
-    q, qm = batch["input_ids"].to(module.device), batch["attention_mask"].to(module.device)
-    with torch.no_grad():
-        resp, logits = sample(policy, q, qm, c.response_length, c.temperature, module.tokenizer.pad_token_id,
-                              module.stop_id)
-        resp, rmask, _ = core.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
-        logp = (core.logprobs_from_logits(logits, resp, c.temperature) * rmask).sum(1)  # the sampler's own logits
-        with reference_policy(module.policy, module.ref_policy) as ref_policy:
-            ref = sequence_logprobs(ref_policy, q, qm, resp, rmask, c.temperature)
-        score = getattr(module, "score", None)  # DPO has no reward to score with
-        scores = score(q, qm, resp, rmask, batch["prompt"]).tolist() if score is not None else []
-    return {"scores": scores, "kl": (logp - ref).tolist(),
-            "texts": [module.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)],
-            "prompts": list(batch["prompt"]), "length": rmask.sum(1).float().tolist()}
-
-
-def _collect(module, policy, loader, n: int) -> dict:
-    out: dict = {}
-    for batch in loader:
-        for k, v in _rollout_batch(module, policy, batch).items():
-            out.setdefault(k, []).extend(v)
-        if len(out["texts"]) >= n:
-            break
-    return {k: v[:n] for k, v in out.items()}
-
-
-def compare_policies(module, dm, n: int) -> dict:
-    """A policy stage's policy against its starting policy on `n` validation prompts, at the end of the stage.
-
-    The same measures as `evaluate_run` (reward, win rate, k1 KL from the sampler's log-probs, gold,
-    length), computed from the live module and its datamodule instead of a run's exports. The
-    module provides `policy`, `ref_policy`, `tokenizer`, `stop_id`, `gold`, `device`, `cfg`
-    (`response_length`, `temperature`) and, when it has a reward, `score`.
-    """
-    import torch
-
-    from rlhf.models.lora import reference_policy
-
-    was_training = module.policy.training
-    module.policy.eval()
-    from rlhf.data import PreferenceDataModule
-
-    # One batching for every stage: the sampled responses depend on the batch composition, so
-    # stages whose training batches differ (GRPO's 8 prompts, PPO's 32) are still compared on
-    # the same draws of the same prompts.
-    loader = PreferenceDataModule(dm.splits, module.tokenizer, "prompts", EVAL_BATCH, dm.max_prompt_length,
-                                  dm.max_response_length).val_dataloader()
-    torch.manual_seed(1234)
-    with reference_policy(module.policy, module.ref_policy) as ref_policy:
-        before = _collect(module, ref_policy, loader, n)
-    torch.manual_seed(1234)
-    after = _collect(module, module.policy, loader, n)
-    module.policy.train(was_training)
-    result = {"eval_prompts": len(after["texts"]), "kl_final": mean(after["kl"]),
-              "response_length_before": mean(before["length"]), "response_length_after": mean(after["length"])}
-    if after["scores"]:  # the proxy the stage optimised: reward model and/or reward functions
-        result.update(reward_before=mean(before["scores"]), reward_after=mean(after["scores"]),
-                      rm_win_rate=win_rate(after["scores"], before["scores"]))
-    if module.gold is not None:
-        g0 = [module.gold(p, t) for p, t in zip(before["prompts"], before["texts"])]
-        g1 = [module.gold(p, t) for p, t in zip(after["prompts"], after["texts"])]
-        result.update(gold_reward_before=mean(g0), gold_reward_after=mean(g1), gold_win_rate=win_rate(g1, g0))
-    result["samples"] = [{"prompt": p[-200:], "sft": b, "policy": a}
-                         for p, b, a in list(zip(after["prompts"], before["texts"], after["texts"]))[:N_SAMPLES]]
-    return result
+from rlhf.evaluation.held_out import N_SAMPLES, rollout
+from rlhf.evaluation.metrics import distinct_n, mean, win_rate
 
 
 # ----- a run -----
@@ -258,7 +77,7 @@ def evaluate_run(run_dir: str | Path, prompts: int = 200, max_new_tokens: int | 
     `artifacts` reuses a loaded `RunArtifacts`; `policy` replaces the run's policy (e.g.
     `artifacts.reference`, which must give KL 0 and win rates 0.5).
     """
-    from rlhf.inference import RunArtifacts
+    from rlhf.deploy.runs import RunArtifacts
 
     start = time.time()
     art = artifacts or RunArtifacts(run_dir, device=device, stage=stage)
@@ -321,7 +140,7 @@ def _score(art, prompts: list[str], texts: list[str], batch_size: int) -> list[f
 
 def format_table(result: dict) -> str:
     """The metrics as an aligned plain-text table: policy and SFT side by side, then single numbers."""
-    from rlhf.model_card import METRIC_LABELS
+    from rlhf.deploy.model_card import METRIC_LABELS
 
     paired = [m for m in ("reward", "gold", "length", "distinct_1", "distinct_2") if f"{m}_policy" in result]
     single = [k for k in ("rm_win_rate", "gold_win_rate", "kl_to_sft") if k in result]
@@ -345,7 +164,7 @@ def update_model_card(run_dir: Path, policy_dir: Path, config, result: dict, sta
     """Rewrite the policy export's README.md with the run's metrics and this evaluation."""
     from omegaconf import OmegaConf
 
-    from rlhf.model_card import write_model_card
+    from rlhf.deploy.model_card import write_model_card
 
     metrics: dict = {}
     try:
@@ -358,7 +177,7 @@ def update_model_card(run_dir: Path, policy_dir: Path, config, result: dict, sta
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m rlhf.evaluate", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m rlhf.evaluation", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", type=Path, help="a run directory written by `python train.py`")
     ap.add_argument("--prompts", type=int, default=200, help="held-out prompts (default 200; fewer if the split is smaller)")
@@ -383,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars would bury the table
-        from rlhf.inference import RunArtifacts
+        from rlhf.deploy.runs import RunArtifacts
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         art = RunArtifacts(args.run_dir, device=device, stage=args.stage)

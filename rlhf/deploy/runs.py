@@ -1,6 +1,6 @@
 """Loading a finished run for use: its policy, reference (SFT) policy, reward model and tokenizer.
 
-Shared by `python -m rlhf.generate`, `python -m rlhf.serve` and `python -m rlhf.evaluate`.
+Shared by `python -m rlhf.deploy.generate`, `python -m rlhf.deploy.serve` and `python -m rlhf.evaluation`.
 Everything loads from the run's Hugging Face exports (safetensors), never from pickles, and
 `trust_remote_code` stays off unless the run's config turned it on.
 """

@@ -8,7 +8,7 @@ sets values. Hydra then rejects unknown keys and wrong types at the command line
 from hydra.core.config_store import ConfigStore
 
 from rlhf.models.causal_lm import ModelConfig
-from rlhf.rewards import RewardConfig
+from rlhf.training.rewards import RewardConfig
 from rlhf.stages import stages
 
 

@@ -1,6 +1,6 @@
 """A small JSON HTTP API over a finished run: sample from its policy, score with its reward model.
 
-    python -m rlhf.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-new-tokens-limit 256]
+    python -m rlhf.deploy.serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-new-tokens-limit 256]
                                  [--max-body-bytes 65536]
 
     GET  /health   -> 200 {"status": "ok", "policy": DIR, "reward_model": DIR or null}
@@ -32,7 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from rlhf.errors import UserError
-from rlhf.generate import context_overflow, positive_int
+from rlhf.deploy.generate import context_overflow, positive_int
 
 DEFAULT_MAX_NEW_TOKENS = 32
 FIELDS = ("prompt", "max_new_tokens", "temperature")
@@ -197,7 +197,7 @@ def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_new_t
     The models load here, not on the first request, so a broken export fails at start-up and
     the first client does not wait for it. Raises UserError for a bad run directory.
     """
-    from rlhf.inference import RunArtifacts  # torch + transformers: not needed for --help
+    from rlhf.deploy.runs import RunArtifacts  # torch + transformers: not needed for --help
 
     artifacts = RunArtifacts(run_dir, device=device, stage=stage)
     artifacts.policy, artifacts.tokenizer  # noqa: B018 - cached_property: touching them loads them
@@ -218,7 +218,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhf.serve", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rlhf.deploy.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `python train.py`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

@@ -1,6 +1,6 @@
 """Sample completions from a finished run's policy, scored by its reward model.
 
-    python -m rlhf.generate RUN_DIR --prompt "Any tips on cooking?" [--prompt ...] \
+    python -m rlhf.deploy.generate RUN_DIR --prompt "Any tips on cooking?" [--prompt ...] \
         [--max-new-tokens 32] [--temperature 1.0] [--num-samples 1] [--seed N] [--json]
 
 RUN_DIR is a directory written by `python train.py`; the policy is ppo/model (sft/model when the
@@ -72,7 +72,7 @@ def positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m rlhf.generate",
+        prog="python -m rlhf.deploy.generate",
         description="Sample completions from a run's policy (ppo/model, else sft/model) and score them "
                     "with its reward model (rm/model) when it has one.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="run directory written by `python train.py`")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> list[dict]:
     """Sample and score; one record per (prompt, sample), in prompt order."""
     from rlhf.errors import UserError
-    from rlhf.inference import RunArtifacts
+    from rlhf.deploy.runs import RunArtifacts
 
     artifacts = RunArtifacts(args.run_dir, device=args.device, stage=args.stage)
     prompts = [format_prompt(p) for p in args.prompt]

@@ -1,0 +1,5 @@
+import sys
+
+from rlhf.evaluation.evaluate import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""The plan of a run and everything checked before any model is built.
+
+`plan_stages` picks the stages `algo` needs from the registry (what each stage needs and
+produces); `preflight` validates each stage's config once, the inputs each stage needs (policy
+and reward model paths, reward functions), and the output directory, each failure one line.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rlhf.errors import ConfigError, UserError
+from rlhf.models.causal_lm import ModelConfig
+from rlhf.models.reward import check_reward_model
+from rlhf.stages import Inputs, get_stage, stages
+from rlhf.training.rewards import RewardConfig, load_functions, sources
+
+
+def apply_root_settings(cfg: DictConfig) -> None:
+    """The root `lr` and `kl_coef` (when set) become the settings of the stage that optimises the
+    policy against a KL (`kl_field`): one sweep `-m algo=ppo,grpo lr=... kl_coef=...` covers them all."""
+    target = cfg.algo if cfg.stage == "all" else cfg.stage
+    cls = get_stage(target)
+    if cls.kl_field is None or cfg.get(target) is None:
+        return
+    with open_dict(cfg):
+        if cfg.get("lr") is not None:
+            cfg[target].lr = cfg.lr
+        if cfg.get("kl_coef") is not None:
+            cfg[target][cls.kl_field] = cfg.kl_coef
+
+
+def _reward_config(cfg: DictConfig):
+    return cfg.get("reward") or RewardConfig()
+
+
+def _given_by_user(cfg: DictConfig, stage: str, need: str) -> bool:
+    if need == "policy":
+        return cfg[stage].get("policy_path") is not None
+    if need == "reward":  # a reward model path or reward functions: no rm stage to run
+        rc = _reward_config(cfg)
+        return rc.get("model_path") is not None or rc.get("fn") is not None
+    return False
+
+
+def _producer(need: str) -> str:
+    """The stage that makes `need` from nothing (SFT for a policy, RM for a reward)."""
+    for name, cls in stages().items():
+        if cls.produces == need and need not in cls.needs:
+            return name
+    raise ConfigError(f"no stage produces {need!r}")
+
+
+def plan_stages(cfg: DictConfig) -> list[str]:
+    """`stage=all`: `algo` and every stage it needs (or uses), unless a path or reward.fn provides it."""
+    known = stages()
+    algo = cfg.get("algo")
+    if algo not in known:
+        raise ConfigError(f"algo={algo}: unknown algorithm; expected one of {', '.join(known)}")
+    if cfg.stage != "all":
+        if cfg.stage not in known:
+            raise ConfigError(f"stage={cfg.stage}: unknown stage; expected all or one of {', '.join(known)}")
+        return [cfg.stage]
+    plan: list[str] = []
+
+    def add(name: str) -> None:
+        cls = known[name]
+        for need in (*cls.needs, *cls.uses):
+            if not _given_by_user(cfg, name, need):
+                add(_producer(need))
+        if name not in plan:
+            plan.append(name)
+
+    add(algo)
+    return sorted(plan, key=list(known).index)
+
+
+def stage_config(cfg: DictConfig, stage: str):
+    cls = get_stage(stage)
+    node = cfg.get(stage)
+    if node is None:
+        raise ConfigError(f"stage {stage}: no '{stage}' settings in the config")
+    return cls, cls.Config.from_dict(OmegaConf.to_container(node, resolve=True), stage)
+
+
+def build_stage(cfg: DictConfig, stage: str, inputs: Inputs, conf=None):
+    """The stage's LightningModule from the composed config: its typed settings, the model config, its inputs."""
+    cls, parsed = stage_config(cfg, stage)
+    return cls(conf or parsed, ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True)), inputs)
+
+
+@dataclass
+class RewardPlan:
+    """The reward online stages get: a reward model path (or this run's RM), and loaded functions."""
+    spec: object
+    fns: object
+
+
+def check_inputs(cfg: DictConfig, plan: list[str], confs: dict) -> RewardPlan | None:
+    """Every stage's needs are met by an earlier stage of the plan or by a path, reward model paths
+    and reward functions load: one line before any model is built."""
+    known = stages()
+    produced = set()
+    reward = None
+    for name in plan:
+        cls, conf = known[name], confs[name]
+        path = getattr(conf, "policy_path", None)
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"{name}.policy_path '{path}' has no config.json (not a saved model)")
+        for need in cls.needs:
+            if need == "policy" and (path is not None or "policy" in produced or cfg.model.get("name_or_path")
+                                     or cfg.model.get("arch")):
+                continue  # a policy path, an earlier stage's export, or the model config's own weights
+            if need == "reward":
+                try:
+                    spec = sources(_reward_config(cfg), has_rm_stage="reward" in produced)
+                except ConfigError as e:
+                    raise ConfigError(f"{name}: {e}") from None
+                if spec.model_path is not None:
+                    try:
+                        check_reward_model(spec.model_path)
+                    except (FileNotFoundError, ValueError) as e:
+                        raise ConfigError(f"reward.model_path: {e}") from None
+                reward = RewardPlan(spec, load_functions(spec))
+                continue
+            if need not in produced:
+                raise ConfigError(f"{name} needs a {need}, which no earlier stage of {' -> '.join(plan)} produces")
+        if cls.produces:
+            produced.add(cls.produces)
+    return reward
+
+
+def preflight(cfg: DictConfig, plan: list[str], run_dir: Path, resuming: bool = False) -> tuple[dict, RewardPlan | None]:
+    """All checks that need no model: returns the validated stage configs and the reward plan."""
+    mc = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    if mc.name_or_path and mc.name_or_path.startswith(("/", "./", "../", "~")) \
+            and not Path(mc.name_or_path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path={mc.name_or_path}: no such directory")
+    steps = cfg.trainer.get("max_steps")
+    if steps is not None and steps <= 0:
+        raise ConfigError(f"trainer.max_steps must be > 0, got {steps}")
+    confs = {}
+    for s in plan:
+        cls, conf = stage_config(cfg, s)
+        cls.preflight(conf, plan, cfg)
+        confs[s] = conf
+    reward = check_inputs(cfg, plan, confs)
+    if resuming and not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
+    if not resuming and (run_dir / "summary.json").exists():
+        raise UserError(f"{run_dir} already holds a run (summary.json); refusing to overwrite it "
+                        f"(resume={run_dir} continues it)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {run_dir} is not writable: {e.strerror}") from None
+    need = float(cfg.paths.get("min_free_gb") or 0)
+    free = shutil.disk_usage(run_dir).free / 2**30
+    if free < need:
+        raise UserError(f"output directory {run_dir} has {free:.1f} GiB free, paths.min_free_gb={need:g} "
+                        "(checkpoints and exports need the room; free space or lower the setting)")
+    return confs, reward
