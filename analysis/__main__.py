@@ -13,6 +13,12 @@ overrides, the mean and 95% confidence interval of each metric over seeds
     {"kind": "seeds", "params": {...}, "n_seeds": 3, "seeds": [0, 1, 2], "runs": ["0", "2", "4"],
      "metrics": {"gold_win_rate": {"mean": ..., "ci95": ..., "lo": ..., "hi": ..., "n": 3}, ...}}
 
+Every run (and every run line of a sweep) also gets ``alarms``
+(``[{name, step, value, threshold, message}]``, :mod:`analysis.alarms`), ``skipped`` (one line
+per analysis left out, saying why) and, with an ``eval.csv`` beside its log, ``overoptimisation``
+(:func:`analysis.overoptimisation.analyse`); the text output lists them under ``Alarms:`` and
+``Skipped:``. A sweep also gets ``frontier.png``, the KL-reward frontier per configuration.
+
 Warnings go to stderr after the results; on an error, stderr gets a single
 ``error: ...`` line and the exit code is 1 (2 for bad arguments).
 """
@@ -31,7 +37,8 @@ from .errors import AnalysisError
 from .load import is_sweep_dir, load_run, load_sweep
 from .metrics import compute_metrics
 from .plots import check_lang
-from .report import default_out_dir, fmt, run_warnings, write_run_report, write_sweep_report
+from .report import (default_out_dir, eval_for, fmt, run_health, run_warnings, sweep_health, write_run_report,
+                     write_sweep_report)
 from .seeds import comparison_table, config_label, config_metrics, has_seeds, seed_table, shown_metrics
 from .sweep import rank_runs, sweep_table
 
@@ -75,19 +82,40 @@ def jsonable(v):
     return v
 
 
+def _clean(v):
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return jsonable(v)
+
+
 def _dump(obj: dict) -> str:
-    return json.dumps({k: jsonable(v) if not isinstance(v, (list, dict)) else v for k, v in obj.items()},
-                      allow_nan=False, ensure_ascii=False)
+    return json.dumps(_clean(obj), allow_nan=False, ensure_ascii=False)
+
+
+def _health_json(health: dict) -> dict:
+    keep = ("alarms", "skipped", "overoptimisation")
+    return {k: health[k] for k in keep if k in health}
+
+
+def _health_text(health: dict, prefix: str = "") -> list[str]:
+    """Alarm and skipped lines of one run for the text output."""
+    lines = [f"  - {prefix}{a['name']} at step {a['step']}: {a['message']}" for a in health["alarms"]]
+    return lines or [f"  - {prefix}none"]
 
 
 def _run(args, path: Path) -> None:
     df = load_run(path)
     m = compute_metrics(df, args.window)
-    report = write_run_report(df, m, default_out_dir(path, args.out), args.window, args.lang)
+    eval_df, eval_skip = eval_for(df.attrs.get("source"))
+    health = run_health(df, eval_df, eval_skip)
+    report = write_run_report(df, m, default_out_dir(path, args.out), args.window, args.lang,
+                              eval_df=eval_df, health=health)
     warnings = run_warnings(df, m)
     if args.json:
         print(_dump({"source": df.attrs.get("source"), "status": "ok", **m, "warnings": warnings,
-                     "report": str(report)}))
+                     **_health_json(health), "report": str(report)}))
         return
     print(f"Run: {df.attrs.get('source')} ({df.attrs.get('source_kind')}, {m['num_steps']} steps)")
     width = max(len(k) for k in m)
@@ -96,6 +124,15 @@ def _run(args, path: Path) -> None:
     if warnings:
         print("Warnings:")
         print("\n".join(f"  - {w}" for w in warnings))
+    print("Alarms:")
+    print("\n".join(_health_text(health)))
+    oo = health.get("overoptimisation")
+    if oo:
+        print("Over-optimisation: " + ", ".join(f"{k} {fmt(oo[k])}" for k in
+                                                 ("alpha", "beta", "gold_peak_kl", "observed_peak_kl", "past_peak")))
+    if health["skipped"]:
+        print("Skipped:")
+        print("\n".join(f"  - {s}" for s in health["skipped"]))
     print(f"Report: {report}")
 
 
@@ -130,7 +167,9 @@ def _sweep(args, path: Path) -> None:
     table = sweep_table(df, args.window)
     ranked = rank_runs(table, objective=args.objective, max_kl=args.max_kl)
     seeds = seed_table(table, path) if has_seeds(table) else None
-    report = write_sweep_report(df, ranked, default_out_dir(path, args.out), args.window, args.lang, seeds=seeds)
+    health = sweep_health(df, ranked, args.window)
+    report = write_sweep_report(df, ranked, default_out_dir(path, args.out), args.window, args.lang, seeds=seeds,
+                                health=health)
     params = list(ranked.attrs.get("params", []))
     reasons = ranked.attrs.get("failed_jobs", {})
     if args.json:
@@ -139,7 +178,8 @@ def _sweep(args, path: Path) -> None:
             print(_dump({"run": r["run"], "status": "ok", "rank": r["rank"], "eligible": bool(r["eligible"]),
                          "params": {p: jsonable(r[p]) for p in params},
                          **{c: r[c] for c in metric_cols},
-                         "warnings": ranked.attrs["warnings"].get(r["run"], []), "report": str(report)}))
+                         "warnings": ranked.attrs["warnings"].get(r["run"], []),
+                         **_health_json(health["runs"][r["run"]]), "report": str(report)}))
         for name in failed:
             print(_dump({"run": name, "status": "failed", "error": reasons.get(name, "")}))
         for line in _seed_json(seeds) if seeds is not None else []:
@@ -161,6 +201,13 @@ def _sweep(args, path: Path) -> None:
     if warnings:
         print("Warnings:")
         print("\n".join(warnings))
+    print("Alarms:")
+    print("\n".join(line for run, h in health["runs"].items() for line in _health_text(h, f"run {run}: ")))
+    skipped = [f"  - run {run}: {s}" for run, h in health["runs"].items() for s in h["skipped"]]
+    skipped += [f"  - {s}" for s in health["frontier"]["skipped"]]
+    if skipped:
+        print("Skipped:")
+        print("\n".join(skipped))
     if failed:
         print("Failed jobs:")
         print("\n".join(f"  - {name}: {reasons.get(name, '')}" for name in failed))

@@ -162,6 +162,48 @@ def _to_number(col: pd.Series, name: str, src: Path) -> pd.Series:
     return num
 
 
+# --------------------------------------------------------------------------- held-out evaluation
+
+EVAL_FILE = "eval.csv"
+EVAL_COLUMNS = ("step", "kl", "reward", "gold", "response_length", "distinct_2")
+
+
+def find_eval(path: str | Path) -> Path | None:
+    """The ``eval.csv`` beside a run's log: in the folder of a metrics CSV, in a run directory's
+    ``<algo>/`` stage folder (or the directory itself); None when there is none."""
+    p = Path(path)
+    if p.is_file():
+        candidates = [p] if p.name == EVAL_FILE else [p.parent / EVAL_FILE]
+    elif p.is_dir():
+        candidates = [p / run_algo(p) / EVAL_FILE, p / EVAL_FILE]
+        if p.name == "tb":  # a TensorBoard-only run: the stage folder holds tb/ and eval.csv
+            candidates.append(p.parent / EVAL_FILE)
+    else:
+        candidates = []
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_eval(path: str | Path) -> pd.DataFrame | None:
+    """Held-out evaluation points (see :data:`EVAL_COLUMNS`) sorted by step, last write per step
+    wins; None when :func:`find_eval` finds no file. ``step``, ``kl`` and ``reward`` are required;
+    ``gold`` may be absent or empty (no known true reward)."""
+    src = find_eval(path)
+    if src is None:
+        return None
+    df = _read_csv(src)
+    missing = [c for c in ("step", "kl", "reward") if c not in df.columns]
+    if missing:
+        raise AnalysisError(f"{src}: missing required column(s) {', '.join(missing)}")
+    for col in df.columns:
+        if col in EVAL_COLUMNS:
+            df[col] = _to_number(df[col], col, src)
+    if df["step"].isna().any():
+        raise AnalysisError(f"{src}: column 'step' has missing values")
+    df = df.sort_values("step", kind="stable").drop_duplicates("step", keep="last").reset_index(drop=True)
+    df.attrs = {"source": str(src)}
+    return df
+
+
 # --------------------------------------------------------------------------- sweeps
 
 

@@ -250,6 +250,9 @@ def compute_metrics(df: pd.DataFrame, window: int = 50, spike_k: float = 5.0, t_
     m["kl_spike_count"] = int(kl_spikes(df, window, spike_k).sum())
     m["kl_spike_k"] = float(spike_k)
     values = df[list(METRIC_COLUMNS)].to_numpy(dtype=float)
+    # A column with no number at all was not logged (GRPO/RLOO have no value loss, DPO no sampled KL):
+    # absent, not NaN. NaNs in a column that holds numbers elsewhere are faults.
+    values = values[:, ~np.isnan(values).all(axis=0)]
     m["nan_count"] = int(np.isnan(values).sum())
     m["inf_count"] = int(np.isinf(values).sum())
     bad_rows = ~np.isfinite(values).all(axis=1)

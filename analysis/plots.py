@@ -37,6 +37,13 @@ LABELS = {
         "final_reward": "Final reward", "run": "Run", "over_kl": "over KL bound", "gold_score": "Gold Score",
         "seeds_title": "Mean over seeds with 95% confidence band ({w}-step moving average of each run)",
         "n_seeds": "{n} seeds",
+        "health_title": "Run health ({w}-step moving average)", "gold_vs_proxy": "Gold vs proxy reward",
+        "entropy": "Entropy (summed per response)", "response_length": "Response length (tokens)",
+        "clipfrac": "Clip fraction", "proxy": "Proxy (reward model)", "gold": "Gold", "no_column": "no {c} column",
+        "oo_title": "Over-optimisation: gain over the start policy", "sqrt_kl": "sqrt(KL to reference)",
+        "gain": "Gain over start", "gold_fit": "Gao fit: d (α - β ln d)", "fit_peak": "fitted peak, KL = {kl:.3g}",
+        "obs_peak": "best evaluation", "frontier_title": "KL-reward frontier (mean over seeds, min-max band)",
+        "gold_gain": "Gold reward gain", "proxy_gain": "Proxy reward gain", "no_data": "no data to draw",
     },
     "zh": {
         "title": "RLHF 训练监控面板", "policy_loss": "策略损失 (Policy Loss)", "value_loss": "价值损失 (Value Loss)",
@@ -47,6 +54,13 @@ LABELS = {
         "final_reward": "最终奖励", "run": "运行", "over_kl": "超出KL上限", "gold_score": "金标准分数 (Gold Score)",
         "seeds_title": "多个随机种子的均值与95%置信带 (每次运行的{w}步移动平均)",
         "n_seeds": "{n}个种子",
+        "health_title": "运行健康状况 ({w}步移动平均)", "gold_vs_proxy": "金标准奖励与代理奖励",
+        "entropy": "熵 (每个回复求和)", "response_length": "回复长度 (词元)", "clipfrac": "裁剪比例",
+        "proxy": "代理奖励 (奖励模型)", "gold": "金标准", "no_column": "缺少 {c} 列",
+        "oo_title": "过度优化: 相对初始策略的增益", "sqrt_kl": "sqrt(与参考策略的KL)", "gain": "相对初始的增益",
+        "gold_fit": "Gao 拟合: d (alpha - beta ln d)", "fit_peak": "拟合峰值, KL = {kl:.3g}", "obs_peak": "最佳评估点",
+        "frontier_title": "KL-奖励前沿 (多个种子的均值, 最小-最大带)", "gold_gain": "金标准奖励增益",
+        "proxy_gain": "代理奖励增益", "no_data": "没有可绘制的数据",
     },
 }
 

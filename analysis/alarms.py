@@ -1,0 +1,290 @@
+"""Run-health alarms over a training log: causal detectors with stable names.
+
+Every detector judges row ``i`` from rows ``0..i`` only (trailing windows; baselines from the
+first full window), so calling :func:`detect` on a growing log never moves an alarm that has
+already fired: a live callback can call it after every update and report the names it has not
+seen. ``w`` is :attr:`Thresholds.window` (rows); "mean/median over w" are trailing and need a
+full window. Units: ``kl_divergence`` and ``entropy`` are summed per response, in nats.
+
+=====================  ==========================================================================
+name                   fires at the first row where ...
+=====================  ==========================================================================
+kl_spike               KL > median of the previous w rows + max(spike_k * IQR/1.349,
+                       (spike_ratio - 1) * that median, spike_min_jump)
+kl_blowup              the median of the last 3 KL values > kl_max
+negative_kl            mean KL over w < -negative_kl_tol and its t = mean / (sd / sqrt(w))
+                       <= -negative_kl_t
+entropy_collapse       entropy per token (sum(entropy) / sum(response_length) over w; the summed
+                       entropy's mean without a length column) < entropy_frac * its first value
+length_drift           mean length over w / its first value > 1 + length_rise or < 1 - length_fall
+length_hacking         Pearson r(reward_score, response_length) over w >= hacking_corr while that
+                       length ratio >= 1 + hacking_rise
+clipfrac_high          median clipfrac over w >= clipfrac_max
+approxkl_high          median approxkl over w >= approxkl_max
+value_loss_divergence  mean value loss over w > value_loss_factor
+                       * max(lowest such mean so far, value_loss_floor * its first value)
+non_finite             NaN or inf in a numeric column other than step; a NaN counts once the column
+                       has held a number (``value_loss`` of GRPO and ``gold_score`` without a gold
+                       scorer stay empty), always in ``policy_loss`` and ``reward_score``
+=====================  ==========================================================================
+
+Infinite values are treated as missing by every detector but ``non_finite``, which reports them
+once. ``detect`` costs a few milliseconds on a few thousand rows (pandas rolling windows).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+IQR_TO_SIGMA = 1.349  # IQR / 1.349 estimates the standard deviation of normal noise
+ALWAYS_LOGGED = ("policy_loss", "reward_score")  # every stage writes these on every row
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Detector thresholds; the defaults keep clean default runs of this repo silent."""
+
+    # rows per trailing window: enough for a median or a correlation, short against 100-1000 steps
+    window: int = 10
+    # a spike is this many robust SDs (IQR / 1.349) of the previous window above its median
+    spike_k: float = 6.0
+    # ... and this many times that median: single-batch KL of clean runs reaches 3.5x it
+    spike_ratio: float = 5.0
+    # ... and at least this many nats higher: clean runs swing by up to ~1 nat between updates
+    spike_min_jump: float = 1.0
+    # summed KL ceiling in nats: exp(20) likelihood ratios mean the policy has left the reference;
+    # KL-penalised runs stay below ~10 (this repo's default runs end near 2.5)
+    kl_max: float = 20.0
+    # KL >= 0; a window mean this far below 0 (nats) with t <= -negative_kl_t is not sampling noise
+    negative_kl_tol: float = 0.01
+    # t statistic of that mean over the window's rows: below -3 is very unlikely from noise alone
+    negative_kl_t: float = 3.0
+    # per-token entropy below a quarter of its start: sampling near-deterministic (clean default runs
+    # keep two thirds; the summed entropy also falls when responses shorten, which length_drift covers)
+    entropy_frac: float = 0.25
+    # longer by half: reward models favour length (Singhal et al. 2023), so growth is the suspect
+    length_rise: float = 0.5
+    # shorter by three quarters: clean default runs shorten by up to ~60%; beyond, answers vanish
+    length_fall: float = 0.75
+    # reward and length moving together (r >= 0.7 over a window, ~1% by chance at w = 10) ...
+    hacking_corr: float = 0.7
+    # ... while responses have grown by a fifth: reward bought with length, not content
+    hacking_rise: float = 0.2
+    # PPO-clip at eps 0.2 usually clips 0.05-0.2 of tokens; a window mostly above 0.3 overshoots
+    clipfrac_max: float = 0.3
+    # approx KL per update (0.5 mean(logratio^2)); PPO early-stop targets are 0.01-0.05
+    approxkl_max: float = 0.05
+    # value loss back above ten times its best window mean: the critic is diverging ...
+    value_loss_factor: float = 10.0
+    # ... with "best" floored at 1% of the first window so a near-zero best does not make noise count
+    value_loss_floor: float = 0.01
+
+    def __post_init__(self):
+        if not isinstance(self.window, (int, np.integer)) or self.window < 2:
+            raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One detector's first firing: ``step`` and ``value`` (the statistic) against ``threshold``."""
+
+    name: str
+    step: int | float
+    value: float
+    threshold: float
+    message: str
+
+    def to_dict(self) -> dict:
+        """JSON-safe: Python numbers, None for NaN/inf."""
+        d = asdict(self)
+        for k in ("step", "value", "threshold"):
+            v = d[k].item() if hasattr(d[k], "item") else d[k]
+            d[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        return d
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    x = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+    return np.where(np.isfinite(x), x, np.nan)
+
+
+def _roll(x: np.ndarray, w: int):
+    return pd.Series(x).rolling(w, min_periods=w)
+
+
+def _first_finite(x: np.ndarray) -> np.ndarray:
+    """x's first finite value at every row from there on (NaN before): a causal baseline."""
+    ok = np.isfinite(x)
+    out = np.full_like(x, np.nan)
+    if ok.any():
+        i = int(ok.argmax())
+        out[i:] = x[i]
+    return out
+
+
+def _kl_spike(c, t):
+    prev = _roll(c["kl_divergence"], t.window)
+    med = prev.median().shift(1).to_numpy()
+    iqr = (prev.quantile(0.75) - prev.quantile(0.25)).shift(1).to_numpy()
+    thr = med + np.maximum.reduce([t.spike_k * iqr / IQR_TO_SIGMA, (t.spike_ratio - 1) * np.abs(med),
+                                   np.full_like(med, t.spike_min_jump)])
+    return c["kl_divergence"], thr, c["kl_divergence"] > thr, lambda v, th, s: (
+        f"KL {v:.3g} nats at step {s} jumps above {th:.3g} (median of the previous {t.window} steps "
+        f"+ max({t.spike_k:g} robust SDs, x{t.spike_ratio:g}, {t.spike_min_jump:g} nats))")
+
+
+def _kl_blowup(c, t):
+    n = min(3, t.window)
+    v = pd.Series(c["kl_divergence"]).rolling(n, min_periods=n).median().to_numpy()
+    return v, np.full_like(v, t.kl_max), v > t.kl_max, lambda v, th, s: (
+        f"KL {v:.3g} nats (median of the last {n} steps) above the {th:g} nats ceiling at step {s}")
+
+
+def _negative_kl(c, t):
+    r = _roll(c["kl_divergence"], t.window)
+    mean, sd = r.mean().to_numpy(), r.std().to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tstat = np.where(sd > 0, mean / (sd / math.sqrt(t.window)), -np.inf * (mean < 0))
+    return mean, np.full_like(mean, -t.negative_kl_tol), (mean < -t.negative_kl_tol) & (tstat <= -t.negative_kl_t), \
+        lambda v, th, s: (f"mean KL over {t.window} steps is {v:.3g} nats at step {s} (< {th:g}, clear of noise): "
+                          "KL cannot be negative, suspect the estimator or mismatched log-probs")
+
+
+def _entropy_collapse(c, t):
+    ent = _roll(c["entropy"], t.window).sum().to_numpy()
+    per = "per token" if "response_length" in c else "per response"
+    if "response_length" in c:
+        length = _roll(c["response_length"], t.window).sum().to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ent = np.where(length > 0, ent / length, np.where(np.isnan(length), np.nan, 0.0))
+    else:
+        ent = ent / t.window
+    thr = t.entropy_frac * _first_finite(ent)
+    return ent, thr, ent < thr, lambda v, th, s: (
+        f"entropy {per} {v:.3g} nats over {t.window} steps at step {s}, below {t.entropy_frac:g} x its start "
+        f"({th / t.entropy_frac:.3g}): the policy is turning deterministic")
+
+
+def _length_ratio(c, t):
+    mean = _roll(c["response_length"], t.window).mean().to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return mean / _first_finite(mean)
+
+
+def _length_drift(c, t):
+    ratio = _length_ratio(c, t)
+    up, down = ratio > 1 + t.length_rise, ratio < 1 - t.length_fall
+    thr = np.where(ratio >= 1, 1 + t.length_rise, 1 - t.length_fall)
+    return ratio, thr, up | down, lambda v, th, s: (
+        f"mean response length over {t.window} steps is {v:.3g} x its start at step {s} "
+        f"(limits {1 - t.length_fall:g}-{1 + t.length_rise:g})")
+
+
+def _length_hacking(c, t):
+    ratio = _length_ratio(c, t)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = pd.Series(c["reward_score"]).rolling(t.window, min_periods=t.window).corr(
+            pd.Series(c["response_length"])).to_numpy()
+    fire = (r >= t.hacking_corr) & (ratio >= 1 + t.hacking_rise)
+    return r, np.full_like(r, t.hacking_corr), fire, lambda v, th, s: (
+        f"reward and response length correlate (r = {v:.2f} >= {th:g} over {t.window} steps) while length "
+        f"grew >= {1 + t.hacking_rise:g} x its start, at step {s}: reward may be bought with length")
+
+
+def _high(col, limit, what):
+    def det(c, t):
+        v = _roll(c[col], t.window).median().to_numpy()
+        lim = getattr(t, limit)
+        return v, np.full_like(v, lim), v >= lim, lambda v, th, s: (
+            f"median {col} over {t.window} steps is {v:.3g} at step {s} (>= {th:g}): {what}")
+    return det
+
+
+def _value_loss(c, t):
+    v = _roll(c["value_loss"], t.window).mean().to_numpy()
+    best = np.fmin.accumulate(v)
+    thr = t.value_loss_factor * np.fmax(best, t.value_loss_floor * _first_finite(v))
+    return v, thr, v > thr, lambda v, th, s: (
+        f"mean value loss over {t.window} steps is {v:.3g} at step {s}, above {th:.3g} "
+        f"({t.value_loss_factor:g} x its best so far): the critic is diverging")
+
+
+DETECTORS = (  # name, required columns, detector
+    ("kl_spike", ("kl_divergence",), _kl_spike),
+    ("kl_blowup", ("kl_divergence",), _kl_blowup),
+    ("negative_kl", ("kl_divergence",), _negative_kl),
+    ("entropy_collapse", ("entropy",), _entropy_collapse),
+    ("length_drift", ("response_length",), _length_drift),
+    ("length_hacking", ("reward_score", "response_length"), _length_hacking),
+    ("clipfrac_high", ("clipfrac",), _high("clipfrac", "clipfrac_max", "updates keep leaving the clip range")),
+    ("approxkl_high", ("approxkl",), _high("approxkl", "approxkl_max", "each update moves the policy too far")),
+    ("value_loss_divergence", ("value_loss",), _value_loss),
+)
+NAMES = tuple(name for name, _, _ in DETECTORS) + ("non_finite",)
+OPTIONAL = {"entropy_collapse": ("response_length",)}  # used when present and not empty
+
+
+def _non_finite(df: pd.DataFrame, steps: np.ndarray) -> Alarm | None:
+    first, cols = None, []
+    for col in df.columns:
+        if col == "step" or not (pd.api.types.is_numeric_dtype(df[col]) and not pd.api.types.is_bool_dtype(df[col])):
+            continue
+        x = df[col].to_numpy(dtype=float)
+        if col in ALWAYS_LOGGED:
+            logged = np.ones(len(x), dtype=bool)
+        else:  # from the row after the column's first number: empty-by-design columns never count
+            logged = np.concatenate([[False], np.logical_or.accumulate(np.isfinite(x))[:-1]])
+        bad = np.isinf(x) | (np.isnan(x) & logged)
+        if not bad.any():
+            continue
+        i = int(bad.argmax())
+        if first is None or i < first:
+            first, cols = i, [col]
+        elif i == first:
+            cols.append(col)
+    if first is None:
+        return None
+    shown = ", ".join(f"{c}={df[c].iloc[first]}" for c in cols)
+    return Alarm("non_finite", steps[first].item(), float(len(cols)), 0.0,
+                 f"non-finite value(s) at step {steps[first].item()}: {shown}")
+
+
+def detect(df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list[Alarm], list[str]]:
+    """Run every detector on ``df`` (rows in step order; the columns it has).
+
+    Returns ``(alarms, skipped)``: each alarm at most once, at the first step it fires, in
+    detector order; and one ``"<detector> skipped: no <column> column"`` line per detector whose
+    column is missing (``"... <column> column is empty"`` when it holds no number).
+    """
+    t = thresholds or Thresholds()
+    steps = df["step"].to_numpy()
+    alarms, skipped, cols = [], [], {}
+    for name, needs, det in DETECTORS:
+        why = next((f"no {c} column" for c in needs if c not in df.columns), None)
+        for c in needs if why is None else ():
+            cols.setdefault(c, _num(df, c))
+            if not np.isfinite(cols[c]).any():
+                why = f"{c} column is empty"
+                break
+        if why:
+            skipped.append(f"{name} skipped: {why}")
+            continue
+        data = {c: cols[c] for c in needs}
+        for c in OPTIONAL.get(name, ()):
+            if c in df.columns:
+                x = cols.setdefault(c, _num(df, c))
+                if np.isfinite(x).any():
+                    data[c] = x
+        value, thr, fire, message = det(data, t)
+        fire = np.asarray(fire, dtype=bool)
+        if fire.any():
+            i = int(fire.argmax())
+            alarms.append(Alarm(name, steps[i].item(), float(value[i]), float(thr[i]),
+                                message(float(value[i]), float(thr[i]), steps[i].item())))
+    nf = _non_finite(df, steps) if len(df) else None
+    if nf is not None:
+        alarms.append(nf)
+    return alarms, skipped

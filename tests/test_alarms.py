@@ -1,0 +1,185 @@
+"""Run-health alarms: a clean synthetic log raises none; each injected fault is found by name within
+one window of where it starts; alarms never move as rows are appended; missing columns are skipped."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.alarms import NAMES, Alarm, Thresholds, detect
+from analysis.synthetic import synthetic_log, synthetic_online_log
+
+N, AT = 300, 150  # log length and the step each fault starts at (steps are 1-based)
+W = Thresholds().window
+
+
+def clean(seed=0):
+    return synthetic_online_log(N, seed=seed)
+
+
+def rows_from(df, step):
+    return df["step"] >= step
+
+
+def kl_blowup(df):
+    m = rows_from(df, AT)
+    df.loc[m, "kl_divergence"] = 30.0 * np.exp(0.1 * np.arange(m.sum()))
+
+
+def entropy_collapse(df):
+    m = rows_from(df, AT)
+    df.loc[m, "entropy"] *= np.exp(-0.5 * np.arange(1, m.sum() + 1)).clip(0.01)
+
+
+def length_hacking(df):
+    m = rows_from(df, AT)
+    j = np.arange(1, m.sum() + 1).clip(max=30)
+    growth = 1.0 + 0.15 * j
+    df.loc[m, "entropy"] *= growth  # per-token entropy unchanged: only the length moves
+    df.loc[m, "response_length"] *= growth
+    df.loc[m, "reward_score"] += 0.05 * j
+
+
+def nan(df):
+    df.loc[df["step"] == AT, "reward_score"] = np.nan
+
+
+def inf(df):
+    df.loc[df["step"] == AT, "entropy"] = np.inf
+
+
+def negative_kl(df):
+    m = rows_from(df, AT) & (df["step"] < AT + 50)
+    df.loc[m, "kl_divergence"] = -0.4 + 0.05 * np.random.default_rng(1).standard_normal(m.sum())
+
+
+def clipfrac(df):
+    m = rows_from(df, AT)
+    df.loc[m, "clipfrac"] = 0.45 + 0.05 * np.random.default_rng(2).standard_normal(m.sum())
+
+
+def approxkl(df):
+    df.loc[rows_from(df, AT), "approxkl"] = 0.2
+
+
+def value_loss(df):
+    m = rows_from(df, AT)
+    df.loc[m, "value_loss"] = 0.05 * np.exp(0.5 * np.arange(m.sum()))
+
+
+def kl_spike(df):
+    df.loc[df["step"] == AT, "kl_divergence"] = 15.0
+
+
+FAULTS = {"kl_blowup": kl_blowup, "entropy_collapse": entropy_collapse, "length_hacking": length_hacking,
+          "non_finite": nan, "negative_kl": negative_kl, "clipfrac_high": clipfrac, "approxkl_high": approxkl,
+          "value_loss_divergence": value_loss, "kl_spike": kl_spike}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_clean_logs_raise_no_alarm(seed):
+    for n in (40, 100, N, 1000):
+        alarms, skipped = detect(synthetic_online_log(n, seed=seed))
+        assert alarms == [] and skipped == [], (n, alarms, skipped)
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_injected_fault_found_within_one_window(name):
+    df = clean()
+    FAULTS[name](df)
+    alarms, _ = detect(df)
+    by_name = {a.name: a for a in alarms}
+    assert name in by_name, alarms
+    assert AT <= by_name[name].step <= AT + W, by_name[name]
+    assert all(a.step >= AT for a in alarms), alarms  # nothing fires on the clean part
+    assert all(isinstance(a.message, str) and "\n" not in a.message for a in alarms)
+
+
+def test_nan_fires_at_its_step_and_inf_too():
+    for fault in (nan, inf):
+        df = clean()
+        fault(df)
+        (alarm,) = [a for a in detect(df)[0] if a.name == "non_finite"]
+        assert alarm.step == AT and alarm.threshold == 0.0
+        assert alarm.to_dict()["step"] == AT
+
+
+def test_length_drift_both_ways():
+    df = clean()
+    length_hacking(df)
+    assert "length_drift" in {a.name for a in detect(df)[0]}
+    short = clean()
+    short.loc[rows_from(short, AT), ["response_length", "entropy"]] *= 0.1  # answers all but vanish
+    alarms = {a.name: a for a in detect(short)[0]}
+    assert AT <= alarms["length_drift"].step <= AT + W and "length_hacking" not in alarms
+
+
+def test_each_name_once_at_its_first_step():
+    df = clean()
+    for fault in (kl_spike, clipfrac, nan):
+        fault(df)
+    late = df["step"] >= AT + 60
+    df.loc[late, "kl_divergence"] = 20 * df.loc[late, "kl_divergence"]  # a second spike later on
+    alarms, _ = detect(df)
+    names = [a.name for a in alarms]
+    assert len(names) == len(set(names)) and set(names) <= set(NAMES)
+    assert {a.name: a.step for a in alarms}["kl_spike"] == AT
+
+
+def _key(a: Alarm):
+    return a.name, a.step, round(a.value, 9) if math.isfinite(a.value) else None
+
+
+def test_appending_rows_never_moves_an_alarm():
+    df = clean()
+    for fault in (kl_spike, entropy_collapse, nan, value_loss):
+        fault(df)
+    df.loc[df["step"].between(60, 90), "clipfrac"] = 0.5
+    full = {_key(a) for a in detect(df)[0]}
+    assert len(full) >= 5
+    seen: dict[str, int] = {}
+    for n in range(1, len(df) + 1, 3):
+        prefix = df.iloc[:n]
+        alarms = detect(prefix)[0]
+        last = prefix["step"].iloc[-1]
+        # detection at step s uses rows <= s only: a prefix sees exactly the full log's alarms so far
+        assert {_key(a) for a in alarms} == {k for k in full if k[1] <= last}, n
+        for a in alarms:
+            assert seen.setdefault(a.name, a.step) == a.step
+
+
+def test_missing_columns_give_skip_lines_not_errors():
+    alarms, skipped = detect(synthetic_log(200))  # the notebook's 8 reference columns
+    assert alarms == []
+    assert skipped == ["entropy_collapse skipped: no entropy column", "length_drift skipped: no response_length column",
+                       "length_hacking skipped: no response_length column", "clipfrac_high skipped: no clipfrac column",
+                       "approxkl_high skipped: no approxkl column"]
+    grpo = clean().drop(columns=["approxkl"]).assign(value_loss=np.nan)  # GRPO: no critic, no approxkl
+    alarms, skipped = detect(grpo)
+    assert alarms == []  # an empty-by-design column is not a NaN fault
+    assert skipped == ["approxkl_high skipped: no approxkl column",
+                       "value_loss_divergence skipped: value_loss column is empty"]
+    dpo = pd.DataFrame({"step": np.arange(1, 51), "policy_loss": np.linspace(0.7, 0.3, 50),
+                        "value_loss": np.nan, "kl_divergence": np.nan, "reward_score": np.linspace(0, 1, 50)})
+    alarms, skipped = detect(dpo)
+    assert alarms == [] and "kl_spike skipped: kl_divergence column is empty" in skipped
+    assert len(skipped) == 9  # every detector but non_finite
+    one_row, _ = detect(clean().iloc[:1])
+    assert one_row == []
+
+
+def test_entropy_without_length_uses_the_summed_entropy():
+    df = clean().drop(columns=["response_length"])
+    entropy_collapse(df)
+    alarms, skipped = detect(df)
+    assert "entropy_collapse" in {a.name for a in alarms}
+    assert not any(s.startswith("entropy_collapse") for s in skipped)
+
+
+def test_thresholds_are_configurable():
+    df = clean()
+    df.loc[rows_from(df, AT), "clipfrac"] = 0.2  # below the default 0.3
+    assert "clipfrac_high" not in {a.name for a in detect(df)[0]}
+    assert "clipfrac_high" in {a.name for a in detect(df, Thresholds(clipfrac_max=0.15))[0]}
+    with pytest.raises(ValueError):
+        Thresholds(window=1)
