@@ -32,6 +32,7 @@ class MetricsCSV(pl.Callback):
         self.path = Path(path)
         self.columns = list(columns or ["step"])
         self._header: list[str] | None = None
+        self._written: dict | None = None
 
     def _open_header(self, row: dict) -> list[str]:
         if self.path.exists() and self.path.stat().st_size > 0:
@@ -61,8 +62,9 @@ class MetricsCSV(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         row = getattr(pl_module, "csv_row", None)
-        if not row or trainer.global_rank != 0:
+        if not row or row is self._written or trainer.global_rank != 0:
             return
+        self._written = row  # the module's row stays readable by other callbacks (health alarms)
         # Lightning bumps this counter after on_train_batch_end, so +1 gives 1-based steps.
         row = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped + 1, **row,
                "timestamp": time.strftime(TIME_FORMAT)}
@@ -72,7 +74,6 @@ class MetricsCSV(pl.Callback):
             self._header = self._open_header(row)
         with self.path.open("a", newline="") as f:
             csv.writer(f).writerow([_fmt(row.get(c, "")) for c in self._header])
-        pl_module.csv_row = None
 
 
 def _fmt(v):

@@ -3,7 +3,8 @@ comparison of a policy stage's policy against its start at the end of the stage.
 """
 from __future__ import annotations
 
-from rlhf.evaluation.metrics import mean, win_rate
+from rlhf.evaluation.gold import gold_scores
+from rlhf.evaluation.metrics import distinct_n, mean, win_rate
 
 N_SAMPLES = 5  # example responses kept in eval.json and the stage summary
 EVAL_BATCH = 32  # prompts per sampling batch in the end-of-stage comparison
@@ -79,7 +80,7 @@ def rollout(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     return out
 
 
-# ----- inside training: the comparison at the end of a policy stage -----
+# ----- inside training: held-out evaluation during a policy stage and at its end -----
 
 def _rollout_batch(module, policy, batch) -> dict:
     """`rollout` on one datamodule batch, with the module's settings, reward and reference."""
@@ -115,6 +116,46 @@ def _collect(module, policy, loader, n: int) -> dict:
     return {k: v[:n] for k, v in out.items()}
 
 
+def eval_loader(module, dm):
+    """The held-out prompts in batches of EVAL_BATCH, in a fixed order.
+
+    One batching for every stage: the sampled responses depend on the batch composition, so
+    stages whose training batches differ (GRPO's 8 prompts, PPO's 32) are still compared on the
+    same draws of the same prompts.
+    """
+    from rlhf.data import PreferenceDataModule
+
+    return PreferenceDataModule(dm.splits, module.tokenizer, "prompts", EVAL_BATCH, dm.max_prompt_length,
+                                dm.max_response_length).val_dataloader()
+
+
+def _sample_held_out(module, policy, loader, n: int) -> dict:
+    """`_collect` from a fixed seed (1234), restoring the caller's random state afterwards: evaluating
+    during training leaves the training's random stream as it was, and every evaluation point (and the
+    end-of-stage comparison) samples with the same random numbers."""
+    import torch
+
+    devices = [module.device.index or 0] if module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(1234)
+        return _collect(module, policy, loader, n)
+
+
+def evaluate_policy(module, loader, n: int) -> dict:
+    """The current policy on `n` held-out prompts: reward (the proxy, when the stage has one), gold (when
+    known), KL to the reference (k1, nats per sequence), response length, distinct-2."""
+    was_training = module.policy.training
+    module.policy.eval()
+    out = _sample_held_out(module, module.policy, loader, n)
+    module.policy.train(was_training)
+    m = {"kl": mean(out["kl"]), "response_length": mean(out["length"]), "distinct_2": distinct_n(out["texts"], 2)}
+    if out["scores"]:
+        m["reward"] = mean(out["scores"])
+    if module.gold is not None:
+        m["gold"] = mean(gold_scores(module.gold, out["prompts"], out["texts"]))
+    return m
+
+
 def compare_policies(module, dm, n: int) -> dict:
     """A policy stage's policy against its starting policy on `n` validation prompts, at the end of the stage.
 
@@ -123,24 +164,14 @@ def compare_policies(module, dm, n: int) -> dict:
     module provides `policy`, `ref_policy`, `tokenizer`, `stop_id`, `gold`, `device`, `cfg`
     (`response_length`, `temperature`) and, when it has a reward, `score`.
     """
-    import torch
-
     from rlhf.models.lora import reference_policy
 
     was_training = module.policy.training
     module.policy.eval()
-    from rlhf.data import PreferenceDataModule
-
-    # One batching for every stage: the sampled responses depend on the batch composition, so
-    # stages whose training batches differ (GRPO's 8 prompts, PPO's 32) are still compared on
-    # the same draws of the same prompts.
-    loader = PreferenceDataModule(dm.splits, module.tokenizer, "prompts", EVAL_BATCH, dm.max_prompt_length,
-                                  dm.max_response_length).val_dataloader()
-    torch.manual_seed(1234)
+    loader = eval_loader(module, dm)
     with reference_policy(module.policy, module.ref_policy) as ref_policy:
-        before = _collect(module, ref_policy, loader, n)
-    torch.manual_seed(1234)
-    after = _collect(module, module.policy, loader, n)
+        before = _sample_held_out(module, ref_policy, loader, n)
+    after = _sample_held_out(module, module.policy, loader, n)
     module.policy.train(was_training)
     result = {"eval_prompts": len(after["texts"]), "kl_final": mean(after["kl"]),
               "response_length_before": mean(before["length"]), "response_length_after": mean(after["length"])}
@@ -148,8 +179,8 @@ def compare_policies(module, dm, n: int) -> dict:
         result.update(reward_before=mean(before["scores"]), reward_after=mean(after["scores"]),
                       rm_win_rate=win_rate(after["scores"], before["scores"]))
     if module.gold is not None:
-        g0 = [module.gold(p, t) for p, t in zip(before["prompts"], before["texts"])]
-        g1 = [module.gold(p, t) for p, t in zip(after["prompts"], after["texts"])]
+        g0 = gold_scores(module.gold, before["prompts"], before["texts"])
+        g1 = gold_scores(module.gold, after["prompts"], after["texts"])
         result.update(gold_reward_before=mean(g0), gold_reward_after=mean(g1), gold_win_rate=win_rate(g1, g0))
     result["samples"] = [{"prompt": p[-200:], "sft": b, "policy": a}
                          for p, b, a in list(zip(after["prompts"], before["texts"], after["texts"]))[:N_SAMPLES]]

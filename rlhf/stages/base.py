@@ -43,6 +43,7 @@ class Stage(pl.LightningModule):
     kl_field: ClassVar[str | None] = None  # its KL coefficient's field: the root lr and kl_coef feed such stages
     headline: ClassVar[tuple[str, ...]] = ()  # result keys lifted into summary.json for sweeps
     csv_columns: ClassVar[list[str] | None] = None  # metrics.csv columns (None: whatever csv_row holds)
+    evaluates_policy: ClassVar[bool] = False  # samples its policy against its start on held-out prompts (eval.*)
     optimizer_steps_per_batch: int = 1  # optimizer steps per training batch (PPO: epochs x minibatches)
 
     def __init_subclass__(cls, **kwargs):

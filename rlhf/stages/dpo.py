@@ -79,12 +79,17 @@ class DPOModule(Stage):
     needs = ("policy",)
     produces = "policy"
     kl_field = "beta"  # the KL coefficient of the objective DPO solves: the root kl_coef sets it
-    headline = ("dpo_reward_accuracy", "gold_reward_before", "gold_reward_after", "gold_win_rate", "kl_final")
+    headline = ("dpo_reward_accuracy", "gold_reward_before", "gold_reward_after", "gold_win_rate", "kl_final",
+                "best_step", "best_metric")
     # The reference schema, so that sweeps load a DPO run beside the online ones: policy_loss is the
     # DPO loss, reward_score the implicit reward margin beta * (log-ratio chosen - log-ratio rejected);
     # DPO samples nothing during training, so it has no value loss and no sampled KL to log.
     csv_columns = ["step", "policy_loss", "value_loss", "kl_divergence", "reward_score", "learning_rate",
                    "batch_size", "timestamp"]
+    evaluates_policy = True
+
+    def ensure_reference(self) -> None:
+        """The frozen reference is always kept (or is the policy with its LoRA adapter off)."""
 
     def __init__(self, cfg: DPOConfig, model: ModelConfig, inputs: Inputs):
         super().__init__()
@@ -155,6 +160,8 @@ class DPOModule(Stage):
         return table
 
     def on_fit_start(self):
+        if hasattr(self.gold, "to"):  # a reward model playing gold scores on the training device
+            self.gold.to(self.device)
         # Under bf16-mixed the frozen reference's matmuls run in bf16 anyway: hold its weights in bf16.
         if self.trainer.precision == "bf16-mixed" and self.ref_policy is not None:
             lower_matmul_weights(self.ref_policy)

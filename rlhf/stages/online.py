@@ -25,6 +25,7 @@ from torch import nn
 
 from rlhf.algorithms import core
 from rlhf.errors import ConfigError, UserError
+from rlhf.evaluation.gold import gold_scores
 from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm, lower_matmul_weights
 from rlhf.models.lora import reference_policy
 from rlhf.models.reward import load_reward_model, reward_scores
@@ -85,9 +86,10 @@ class OnlineRLModule(Stage):
     produces = "policy"
     kl_field = "kl_coef"
     headline = ("gold_reward_before", "gold_reward_after", "gold_win_rate", "kl_final", "reward_before",
-                "reward_after", "rm_win_rate")
+                "reward_after", "rm_win_rate", "best_step", "best_metric")
     csv_columns = ["step", "policy_loss", "value_loss", "kl_divergence", "reward_score", "learning_rate",
                    "batch_size", "timestamp"]  # the reference schema notebooks read
+    evaluates_policy = True
     frozen = ("ref_policy.", "reward_model.")  # rebuilt from their exports: never in checkpoints
 
     def __init__(self, cfg: OnlineConfig, model: ModelConfig, inputs: Inputs):
@@ -332,7 +334,7 @@ class OnlineRLModule(Stage):
         for name, norms in self._grad_norms.items():  # before clipping, mean over the update's steps
             m[f"{name}/grad_norm"] = torch.stack(norms).mean()
         if self.gold is not None:
-            m["objective/gold_scores"] = sum(self.gold(p, t) for p, t in zip(roll["prompts"], texts)) / len(texts)
+            m["objective/gold_scores"] = sum(gold_scores(self.gold, roll["prompts"], texts)) / len(texts)
         m = {k: float(v) for k, v in m.items()}
         if self.trainer.world_size > 1:  # one all-reduce for all metrics: logs and the CSV show global means
             keys = list(m)
@@ -365,6 +367,8 @@ class OnlineRLModule(Stage):
         # Lightning warns that checkpoints of manually optimised modules hold the weights after the
         # step. Here that is the point: a checkpoint after update N resumes at update N + 1.
         warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        if hasattr(self.gold, "to"):  # a reward model playing gold scores on the training device
+            self.gold.to(self.device)
         # Under bf16-mixed the frozen models' matmuls run in bf16 anyway: hold those weights in bf16
         # once (same numbers, ~340 MB less for GPT-2 small). `finish` runs under the same autocast.
         if self.trainer.precision == "bf16-mixed":
@@ -384,12 +388,16 @@ class OnlineRLModule(Stage):
         """The policy in HF format under `stage_dir/model` (PPO adds its value model)."""
         return export_hf(self.policy, self.tokenizer, stage_dir / "model")
 
+    def ensure_reference(self) -> None:
+        """The start policy, to evaluate against, when training kept none (GRPO with beta 0)."""
+        if self.ref_policy is None and not self.model_cfg.lora:
+            self.ref_policy = freeze(load_causal_lm(self.model_cfg, self.policy_init)).to(self.device)
+
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
         from rlhf.evaluation.held_out import compare_policies
 
         out = self.export(Path(stage_dir))
-        if self.ref_policy is None and not self.model_cfg.lora:  # the start policy, to compare against
-            self.ref_policy = freeze(load_causal_lm(self.model_cfg, self.policy_init)).to(self.device)
+        self.ensure_reference()
         with self.trainer.precision_plugin.forward_context():  # the precision training ran in
             result = compare_policies(self, dm, self.cfg.eval_prompts)
         return {**result, "model_dir": str(out), "metrics_csv": str(Path(stage_dir) / "metrics.csv")}

@@ -28,6 +28,7 @@ from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from rlhf.data.pairs import prompt_overlap
 from rlhf.errors import UserError
+from rlhf.evaluation.gold import resolve_gold
 from rlhf.deploy.model_card import write_model_card
 from rlhf.training.memory import keep_freed_memory, peak_rss_mb
 from rlhf.models.tokenizer import load_tokenizer
@@ -76,7 +77,7 @@ def _instantiate_dict(node) -> list:
 
 
 def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, artifacts: dict, run_dir: Path,
-              resuming: bool = False, reward: RewardPlan | None = None) -> dict:
+              resuming: bool = False, reward: RewardPlan | None = None, gold=None) -> dict:
     from rlhf.data import PreferenceDataModule
 
     cls = get_stage(stage)
@@ -88,7 +89,7 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     dm = PreferenceDataModule(splits, tokenizer, cls.data_mode, getattr(conf, "loader_batch_size", conf.batch_size),
                               conf.max_prompt_length, conf.max_response_length, seed=cfg.seed)
     inputs = Inputs(policy=getattr(conf, "policy_path", None) or artifacts.get("policy"),
-                    pad_token_id=tokenizer.pad_token_id, gold=getattr(source, "gold", None))
+                    pad_token_id=tokenizer.pad_token_id, gold=gold)
     if "reward" in cls.needs and reward is not None:
         inputs.reward_model = reward.spec.model_path or (artifacts.get("reward") if reward.spec.use_rm_stage else None)
         inputs.reward_fns, inputs.reward_model_weight = reward.fns, reward.spec.model_weight
@@ -120,6 +121,9 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     fit_seconds = time.perf_counter() - t0
     mismatch = rank_weight_mismatch(trainer, module)
     result = module.finish(dm, stage_dir, tokenizer, source) if trainer.global_rank == 0 else {}
+    for cb in trainer.callbacks:  # held-out evaluation (best policy), health alarms
+        if trainer.global_rank == 0 and hasattr(cb, "summary"):
+            result.update(cb.summary())
     if trainer.global_rank == 0:
         # What a user needs to plan a longer run: the wall time of `trainer.fit` (training with its
         # in-loop validation and checkpoints; not loading, the end-of-stage evaluation or export) and
@@ -204,6 +208,7 @@ def train(cfg: DictConfig) -> dict:
     config["plan"] = plan
     source = instantiate(cfg.data)
     splits = source.load()  # reads and validates every data file before any model exists
+    gold = resolve_gold(cfg.get("eval"), source)  # the data's gold, or eval.gold_reward_model_path
     overlap = prompt_overlap(splits)
     if overlap["eval_prompts_in_train"]:  # every source splits by prompt; a custom one might not
         log.warning("%d of %d validation prompts also occur among the training prompts: evaluation "
@@ -224,14 +229,20 @@ def train(cfg: DictConfig) -> dict:
                 artifacts[produces] = summary["stages"][stage].get("model_dir")
             print(f"stage {stage} already finished in {run_dir}; skipping it")
             continue
-        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming, reward)
+        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming, reward,
+                           gold)
         if produces:  # later stages start from this export
             artifacts[produces] = result.get("model_dir")
         if "rank" in result:  # non-zero DDP ranks: only rank 0 writes summaries and cards
             continue
         summary["stages"][stage] = result
-        if result.get("model_dir"):  # a Hugging Face model card beside each export
-            write_model_card(result["model_dir"], stage, config, result)
+        for key in ("model_dir", "best_model_dir"):  # a Hugging Face model card beside each export
+            if result.get(key):
+                write_model_card(result[key], stage, config, result)
+        for alarm in result.get("alarms", []):
+            summary.setdefault("alarms", []).append({"stage": stage, **alarm})
+        if result.get("stopped_by_alarm"):
+            summary["stopped"] = {"stage": stage, **result["stopped_by_alarm"]}
         summary.update({k: v for k, v in result.items() if k in get_stage(stage).headline})
         # What a sweep compares across algorithms beside the results: the run's memory high-water mark.
         summary["peak_rss_mb"] = max(r.get("peak_rss_mb") or 0 for r in summary["stages"].values())

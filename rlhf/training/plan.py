@@ -133,6 +133,24 @@ def check_inputs(cfg: DictConfig, plan: list[str], confs: dict) -> RewardPlan | 
     return reward
 
 
+def check_eval(cfg: DictConfig) -> None:
+    """eval.* and the health alarms' action: each stage's callbacks are built only when it starts."""
+    ev = cfg.get("eval") or {}
+    every = ev.get("eval_every")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every <= 0):
+        raise ConfigError(f"eval.eval_every must be a positive integer or null, got {every!r}")
+    if ev.get("best_metric", "auto") not in ("auto", "gold", "reward"):
+        raise ConfigError(f"eval.best_metric must be auto, gold or reward, got {ev.get('best_metric')!r}")
+    if ev.get("gold_reward_model_path"):
+        try:
+            check_reward_model(str(ev.gold_reward_model_path))
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"eval.gold_reward_model_path: {e}") from None
+    action = OmegaConf.select(cfg, "callbacks.health.on_alarm", default="warn")
+    if action not in ("warn", "stop"):
+        raise ConfigError(f"callbacks.health.on_alarm must be warn or stop, got {action!r}")
+
+
 def preflight(cfg: DictConfig, plan: list[str], run_dir: Path, resuming: bool = False) -> tuple[dict, RewardPlan | None]:
     """All checks that need no model: returns the validated stage configs and the reward plan."""
     mc = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
@@ -148,6 +166,7 @@ def preflight(cfg: DictConfig, plan: list[str], run_dir: Path, resuming: bool = 
         cls.preflight(conf, plan, cfg)
         confs[s] = conf
     reward = check_inputs(cfg, plan, confs)
+    check_eval(cfg)
     if resuming and not (run_dir / "config.yaml").is_file():
         raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
     if not resuming and (run_dir / "summary.json").exists():
