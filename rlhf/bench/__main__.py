@@ -4,6 +4,7 @@
     python -m rlhf.bench --vs-trl         # + TRL on the same work (pip install -e '.[bench]')
     python -m rlhf.bench --preset small --kind rm --precision fp32
     python -m rlhf.bench --preset small --layers 1 --dim 32 --heads 2 --batch 4 --episodes 8 --warmup 1
+    python -m rlhf.bench --preset gpt2 --vs-trl --device cuda   # both sides on the GPU (trainer=gpu; TRL use_cpu=False)
 
 Prints one JSON line per measurement on stdout (progress goes to stderr):
   {"kind": "ppo"|"rm", "impl": "ours"|"trl", "shape", "episodes_per_s"|"pairs_per_s", "seconds"
@@ -61,6 +62,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--trl-kernels", choices=("trl", "ours"), default="trl",
                     help="trl: TRL's models as transformers loads them; ours: with our attention kernel, GELU and "
                          "allocator setting too, so the ratio measures the loops alone")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where both sides run (auto: cuda when available, else cpu)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best of each side is reported")
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's PPOTrainer / RewardTrainer")
@@ -90,6 +93,10 @@ def parse(argv=None) -> argparse.Namespace:
         ap.error("--episodes, --pairs, --rounds and --threads must be > 0, --warmup >= 0")
     if a.vs_trl and importlib.util.find_spec("trl") is None:
         ap.error("--vs-trl needs TRL: pip install -e '.[bench]'")
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     a.trl_precisions = {"best": ["fp32", "bf16"], "same": [a.precision]}.get(a.trl_precision, [a.trl_precision])
     return a
 
@@ -122,6 +129,7 @@ def summarise(kind: str, impl: str, runs: list[dict], s: Shape, flops_per_item: 
             "seconds": {k: round(v, 3) for k, v in best["seconds"].items()},
             "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
             "baseline_rss_mb": round(best.get("baseline_rss_mb", 0.0), 1), "threads": best["threads"],
+            "device": best.get("device", "cpu"), "peak_gpu_mb": best.get("peak_gpu_mb"),
             "precision": best["precision"], "mfu": round(flops_per_item * rate / (peak * 1e12), 5),
             "peak_tflops": round(peak, 4), "model_tflops_per_s": round(flops_per_item * rate / 1e12, 5),
             "flops_per_item": flops_per_item, "timed_items": best["timed_items"],
@@ -163,8 +171,8 @@ def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
         precisions = {a.precision} | (set(a.trl_precisions) if a.vs_trl else set())
         peaks = {}
         for p in sorted(precisions):
-            peaks[p] = matmul_peak_tflops(p)
-            log(f"matmul peak {p}: {peaks[p]:.3f} TFLOP/s on {a.threads} threads")
+            peaks[p] = matmul_peak_tflops(p, device=a.device)
+            log(f"matmul peak {p}: {peaks[p]:.3f} TFLOP/s on " + (a.device if a.device == "cuda" else f"{a.threads} threads"))
         for kind in kinds:
             if kind == "ppo":
                 flops = ppo_flops_per_episode(s)
@@ -175,7 +183,7 @@ def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
                     "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates[kind],
                     "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr,
                     "weight_decay": a.weight_decay,
-                    "kernels": a.trl_kernels}
+                    "kernels": a.trl_kernels, "device": a.device}
             sides = [("ours", a.precision)] + ([("trl", p) for p in a.trl_precisions] if a.vs_trl else [])
             runs: dict = {side: [] for side in sides}
             for r in range(a.rounds):
@@ -183,7 +191,7 @@ def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
                     log(f"{kind} round {r + 1}/{a.rounds}: {impl} {prec}")
                     runs[(impl, prec)].append(run_side(impl, {**base, "precision": prec}, a, tmp))
             for p in peaks:  # the peak again after the runs: the better of the two, in case of load
-                peaks[p] = max(peaks[p], matmul_peak_tflops(p))
+                peaks[p] = max(peaks[p], matmul_peak_tflops(p, device=a.device))
             lines = {side: summarise(kind, side[0], rs, s, flops, peaks) for side, rs in runs.items()}
             if any(line["mfu"] > 1 for line in lines.values()):
                 log("MFU > 1: the matmul peak was measured while the machine was busy; rerun on a quiet machine")

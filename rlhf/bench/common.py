@@ -83,22 +83,37 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def matmul_peak_tflops(precision: str, sizes=(1024, 2048), repeats: int = 5) -> float:
-    """Best TFLOP/s of a square `a @ b` over `sizes` in fp32 or bf16 (the current thread count)."""
+def matmul_peak_tflops(precision: str, sizes=(1024, 2048), repeats: int = 5, device: str = "cpu") -> float:
+    """Best TFLOP/s of a square `a @ b` over `sizes` in fp32 or bf16 (CPU: the current thread count).
+
+    On CUDA the sizes are 4096 and 8192 (a GPU is far from its peak at 2048) and each product is
+    synchronised before the clock stops. fp32 on CUDA uses TF32 only if the caller enabled it.
+    """
     import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     best = 0.0
     g = torch.Generator().manual_seed(0)
-    for n in sizes:
-        a = torch.randn(n, n, generator=g).to(dtype)
-        b = torch.randn(n, n, generator=g).to(dtype)
-        a @ b  # warm-up: oneDNN primitive creation, page faults
+    for n in ((4096, 8192) if cuda else sizes):
+        a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+        a @ b  # warm-up: oneDNN primitive / cuBLAS handle creation, page faults
+        sync()
         for _ in range(repeats):
             t = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e12)
     return best
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak CUDA memory allocated by this process (None without CUDA)."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
 
 
 # ----- the models and data both sides load -----
@@ -177,6 +192,13 @@ def make_data(s: Shape, n_prompts: int, n_pairs: int, seed: int = SEED) -> dict:
 
 
 # ----- timing -----
+def _cuda_sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Window:
     """End-of-update timestamps; the timed window runs from the end of the last warm-up update
     (or the start of training when there is none) to the end of the last update, so it holds
@@ -189,10 +211,12 @@ class Window:
         self.phases_at_start: dict = {}
 
     def begin(self, phases: dict | None = None) -> None:
+        _cuda_sync()
         self.start = time.perf_counter()
         self.phases_at_start = dict(phases or {})
 
     def step_end(self, phases: dict | None = None) -> None:
+        _cuda_sync()  # queued GPU work belongs to the update that queued it
         self.ends.append(time.perf_counter())
         if len(self.ends) == self.warmup:
             self.phases_at_start = dict(phases or {})

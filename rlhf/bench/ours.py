@@ -16,8 +16,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from rlhf.bench.common import (Window, current_rss_mb, optimizer_name, peak_rss_mb, set_threads, shape_from,
-                               write_result)
+from rlhf.bench.common import (Window, current_rss_mb, optimizer_name, peak_gpu_mb, peak_rss_mb, set_threads,
+                               shape_from, write_result)
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -90,7 +90,8 @@ def run(a: dict, root: str) -> dict:
     data = json.loads(Path(a["data"]).read_text())
     updates = a["warmup"] + a["updates"]
     precision = {"fp32": "32-true", "bf16": "bf16-mixed"}[a["precision"]]
-    common = [f"paths.output_dir={root}", "trainer=cpu", f"trainer.precision={precision}", f"seed={a['seed']}"]
+    trainer = "trainer=gpu" if a.get("device") == "cuda" else "trainer=cpu"
+    common = [f"paths.output_dir={root}", trainer, f"trainer.precision={precision}", f"seed={a['seed']}"]
     if a["kind"] == "ppo":
         # No stop token and no missing-EOS penalty (TRL's defaults); no gradient clipping, which TRL's
         # PPO loop never does (it steps the optimizer without clip_grad_norm).
@@ -133,6 +134,7 @@ def run(a: dict, root: str) -> dict:
     if res.get("seconds") is None:
         res["seconds"] = {"training": res["timed_seconds"]}
     res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_rss, threads=torch.get_num_threads(),
+               device=a.get("device", "cpu"), peak_gpu_mb=peak_gpu_mb(),
                precision=a["precision"], weights_changed=all(_changed(m, b) for m, b in zip(watched, before)),
                config={"lightning_precision": precision, "optim": optimizer_name(opt),
                        "grad_clip": getattr(conf, "max_grad_norm", cfg.trainer.get("gradient_clip_val"))})

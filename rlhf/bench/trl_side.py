@@ -24,8 +24,8 @@ import time
 import warnings
 from pathlib import Path
 
-from rlhf.bench.common import (Window, current_rss_mb, optimizer_name, peak_rss_mb, set_threads, shape_from,
-                               write_result)
+from rlhf.bench.common import (Window, current_rss_mb, optimizer_name, peak_gpu_mb, peak_rss_mb, set_threads,
+                               shape_from, write_result)
 
 
 def _import_trl():
@@ -137,7 +137,7 @@ def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
         kl_coef=0.05, temperature=1.0, stop_token=None, missing_eos_penalty=None,
         local_rollout_forward_batch_size=s.batch, num_sample_generations=0, report_to=[],
         logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
+        gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=a.get("device", "cpu") == "cpu", seed=a["seed"],
         sft_model_path=a["policy"], reward_model_path=a["rm"], dataloader_num_workers=0)
     policy = _load(AutoModelForCausalLM, a["policy"], a)
     ref = _load(AutoModelForCausalLM, a["policy"], a)
@@ -183,7 +183,7 @@ def run_rm(a: dict, s, data: dict, out_dir: str) -> dict:
         output_dir=out_dir, per_device_train_batch_size=s.batch, gradient_accumulation_steps=1, max_steps=updates,
         learning_rate=a["rm_lr"], weight_decay=a.get("weight_decay", 0.0), lr_scheduler_type="linear", warmup_steps=20, max_grad_norm=0.0,
         report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
-        gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=True, seed=a["seed"],
+        gradient_checkpointing=False, bf16=a["precision"] == "bf16", use_cpu=a.get("device", "cpu") == "cpu", seed=a["seed"],
         max_length=None, center_rewards_coefficient=None, dataloader_num_workers=0)
     model = _load(AutoModelForSequenceClassification, a["rm"], a, num_labels=1)
     window = Window(a["warmup"])
@@ -226,6 +226,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
         res = (run_ppo if a["kind"] == "ppo" else run_rm)(a, s, data, out_dir)
     res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_rss, threads=torch.get_num_threads(), precision=a["precision"],
+               device=a.get("device", "cpu"), peak_gpu_mb=peak_gpu_mb(),
                trl_version=trl.__version__)
     res["config"]["kernels"] = a.get("kernels", "trl")
     write_result(a["out"], res)
