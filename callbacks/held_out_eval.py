@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -40,6 +41,7 @@ class HeldOutEval(pl.Callback):
         self.best: dict | None = None  # {"step", "name", "value"}
         self.points: list[dict] = []
         self._loader = None
+        self.seconds = 0.0  # spent evaluating (inside the stage's fit_seconds)
 
     @property
     def csv_path(self) -> Path:
@@ -84,8 +86,10 @@ class HeldOutEval(pl.Callback):
 
         if self.points and int(self.points[-1]["step"]) == step:
             return
+        t0 = time.perf_counter()
         with trainer.precision_plugin.forward_context():
             m = evaluate_policy(pl_module, self._loader, pl_module.cfg.eval_prompts)
+        self.seconds += time.perf_counter() - t0
         row = {"step": step, **m}
         self.points.append(row)
         for lg in trainer.loggers:
@@ -132,7 +136,8 @@ class HeldOutEval(pl.Callback):
         if self.best is None:
             return {}
         return {"best_step": self.best["step"], "best_metric": {"name": self.best["name"], "value": self.best["value"]},
-                "best_model_dir": str(self.stage_dir / "best_model"), "eval_csv": str(self.csv_path)}
+                "best_model_dir": str(self.stage_dir / "best_model"), "eval_csv": str(self.csv_path),
+                "eval_points": len(self.points), "eval_seconds": round(self.seconds, 2)}
 
     def state_dict(self):
         return {"best": self.best}

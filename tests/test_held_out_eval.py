@@ -63,6 +63,16 @@ def test_eval_points_best_policy_and_summary(trained_artifacts, tmp_path):
     assert {t for chart in LAYOUT["health"].values() for t in chart[1]} <= tags
 
 
+def test_evaluating_leaves_training_unchanged(trained_artifacts, tmp_path):
+    # Evaluation samples from its own seeded random stream and restores the training's: the same
+    # updates with and without evaluation points.
+    rows = {}
+    for every in ("1", "null"):
+        train(_ppo(trained_artifacts, tmp_path / every, "ppo.max_steps=2", f"eval.eval_every={every}"))
+        rows[every] = pd.read_csv(tmp_path / every / "ppo" / "metrics.csv").drop(columns=["timestamp"])
+    pd.testing.assert_frame_equal(rows["1"], rows["null"])
+
+
 def test_eval_off_and_best_by_reward(trained_artifacts, tmp_path):
     summary = train(_ppo(trained_artifacts, tmp_path / "off", "ppo.max_steps=1", "eval.eval_every=null"))
     assert not (tmp_path / "off" / "ppo" / "eval.csv").exists() and "best_step" not in summary
