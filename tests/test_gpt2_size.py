@@ -15,7 +15,7 @@ from rlhf.errors import UserError
 from rlhf.models.causal_lm import ModelConfig, load_causal_lm
 from rlhf.models.random_gpt2 import save_random_gpt2
 
-from conftest import REPO
+from conftest import NATIVE_BF16, REPO
 
 
 def test_random_gpt2_has_gpt2_small_shape_and_tokenizer(tmp_path):
@@ -63,7 +63,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 @pytest.mark.slow
 def test_reference_experiment_runs_at_gpt2_size(tmp_path, compose_cfg):
     """`experiment=gpt2_hh` with its real settings (GPT-2 small, batch 16, prompts up to 384 tokens,
-    64-token responses, bf16-mixed) for one step of SFT, RM and PPO: about a minute on 2 cores.
+    64-token responses, bf16-mixed; fp32 on a CPU without bf16 instructions) for one step of SFT, RM
+    and PPO: about a minute on 2 cores with bf16 instructions.
 
     Without the checkpoint callback: at this size its three `last.ckpt` files (weights plus Adam
     state) take 6 GB, more than a CI machine may have free; the exports (2 GB) are what is checked."""
@@ -78,7 +79,9 @@ def test_reference_experiment_runs_at_gpt2_size(tmp_path, compose_cfg):
     cfg = compose_cfg(run, "experiment=gpt2_hh", f"model.name_or_path={ckpt}", f"data.data_files={data}",
                       "trainer.max_steps=1", "model.gradient_checkpointing=true", "ppo.eval_prompts=16",
                       "sft.val_batches=1", "rm.val_batches=1", "rm.normalize_samples=32",
-                      "~callbacks.model_checkpoint", "+trainer.enable_checkpointing=false")
+                      "~callbacks.model_checkpoint", "+trainer.enable_checkpointing=false", "eval.eval_every=null",
+                      # Without bf16 instructions (AVX2 only) bf16 is emulated, tens of times slower.
+                      *([] if NATIVE_BF16 else ["trainer.precision=32-true"]))
     assert (cfg.ppo.batch_size, cfg.ppo.max_prompt_length, cfg.ppo.response_length) == (16, 384, 64)
     summary = train(cfg)
     assert set(summary["stages"]) == {"sft", "rm", "ppo"}
