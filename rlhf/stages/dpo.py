@@ -226,15 +226,12 @@ class DPOModule(Stage):
     # ----- after training -----
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
         """Export the policy; sample it and the reference on held-out prompts (gold reward, win rate, KL)."""
-        from rlhf.data import PreferenceDataModule
         from rlhf.evaluation.held_out import compare_policies
 
         c = self.cfg
         out = export_hf(self.policy, self.tokenizer, Path(stage_dir) / "model")
-        prompts = PreferenceDataModule(dm.splits, self.tokenizer, "prompts", EVAL_BATCH, c.max_prompt_length,
-                                       c.response_length)
         with self.trainer.precision_plugin.forward_context():  # the precision training ran in
-            result = compare_policies(self, prompts, c.eval_prompts)
+            result = compare_policies(self, dm, c.eval_prompts)  # its own prompt loader
         acc = self.trainer.callback_metrics.get("val/rewards/accuracies")
         return {**result, "model_dir": str(out), "metrics_csv": str(Path(stage_dir) / "metrics.csv"),
                 "dpo_reward_accuracy": float(acc) if acc is not None else None}
