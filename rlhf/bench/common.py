@@ -17,6 +17,10 @@ One PPO episode (a forward is 2 FLOPs per weight per token, forward + backward 6
     reward       2 * N_body * T                 reward-model score
     training     E * [6 * (N_body * T + head * R) + 6 * N_body * T]   policy + value, E PPO epochs
 One reward-model pair: 6 * N_body * (T_chosen + T_rejected) (real tokens, not padding).
+One GRPO episode (one response; no value model, I = num_iterations):
+    generation + reference (if beta > 0) + reward as for PPO, training I * 6 * (N_body * T + head * R)
+    (the old log-probs come from generation's logits: a separate forward for them, as TRL runs when
+    I > 1, is not counted as useful work)
 
 The same count is used for both implementations: it is the useful work, so an implementation
 that computes logits it never uses (e.g. over prompt positions) gets a lower MFU, not a higher one.
@@ -45,13 +49,18 @@ class Shape:
     prompt_length: int = 32
     response_length: int = 32
     ppo_epochs: int = 4
-    mini_batches: int = 1
+    mini_batches: int = 1  # optimizer steps per pass over a rollout (PPO and GRPO)
     rm_response_length: int = 8  # response tokens per side of an RM pair (synthetic responses have 4-10)
+    num_generations: int = 4  # GRPO: responses per prompt (batch counts responses, as TRL's)
+    num_iterations: int = 2  # GRPO: passes over each rollout (mu; ours' default)
+    beta: float = 0.05  # GRPO: k3 KL weight (> 0: both sides run a reference model)
 
     def id(self, kind: str) -> str:
         base = f"L{self.layers}-d{self.dim}-h{self.heads}-V{self.vocab}-B{self.batch}-P{self.prompt_length}"
         if kind == "rm":
             return f"{base}-R{self.rm_response_length}"
+        if kind == "grpo":
+            return f"{base}-R{self.response_length}-G{self.num_generations}-I{self.num_iterations}-M{self.mini_batches}"
         return f"{base}-R{self.response_length}-E{self.ppo_epochs}-M{self.mini_batches}"
 
 
@@ -71,6 +80,18 @@ def ppo_flops_per_episode(s: Shape) -> float:
     return float(generation + reference + value + reward + training)
 
 
+def grpo_flops_per_episode(s: Shape) -> float:
+    body, head = body_params(s.layers, s.dim), s.dim * s.vocab
+    T, R = s.prompt_length + s.response_length, s.response_length
+    policy_fwd = 2 * (body * T + head * R)
+    reference = policy_fwd if s.beta > 0 else 0
+    return float(policy_fwd + reference + 2 * body * T + s.num_iterations * 3 * policy_fwd)
+
+
+def flops_per_episode(kind: str, s: Shape) -> float:
+    return grpo_flops_per_episode(s) if kind == "grpo" else ppo_flops_per_episode(s)
+
+
 def rm_flops_per_pair(s: Shape, mean_pair_tokens: float) -> float:
     return float(6 * body_params(s.layers, s.dim) * mean_pair_tokens)
 
@@ -81,6 +102,21 @@ def set_threads(n: int) -> None:
 
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
+
+
+def machine_name() -> str:
+    """The CPU model (from /proc/cpuinfo where there is one) and the core count, for result tables."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def matmul_peak_tflops(precision: str, sizes=(1024, 2048), repeats: int = 5, device: str = "cpu") -> float:
@@ -163,13 +199,15 @@ def make_data(s: Shape, n_prompts: int, n_pairs: int, seed: int = SEED) -> dict:
     tok = load_tokenizer("gpt2-bundled")
     prompts, pairs = [], []
     n, attempt = max(256, 8 * max(n_prompts, n_pairs)), 0
+    roundtrips = lambda ids: tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids  # noqa: E731
     while len(prompts) < n_prompts or len(pairs) < n_pairs:
         cand = generate_pairs(n, seed + attempt)
         plen = [len(x) for x in tok([p.prompt for p in cand], add_special_tokens=False)["input_ids"]]
         clen = [len(x) for x in tok([p.chosen for p in cand], add_special_tokens=False)["input_ids"]]
         rlen = [len(x) for x in tok([p.rejected for p in cand], add_special_tokens=False)["input_ids"]]
-        for p, a, b, c in zip(cand, plen, clen, rlen):
-            if a >= s.prompt_length:
+        ptoks = tok([p.prompt for p in cand], add_special_tokens=False)["input_ids"]
+        for p, a, b, c, ids in zip(cand, plen, clen, rlen, ptoks):
+            if a >= s.prompt_length and roundtrips(ids[-s.prompt_length:]):
                 prompts.append(p)
                 if min(b, c) >= s.rm_response_length:
                     pairs.append(p)
@@ -185,7 +223,10 @@ def make_data(s: Shape, n_prompts: int, n_pairs: int, seed: int = SEED) -> dict:
     prompt_ids = [x["input_ids"] for x in encode("prompts", prompts)]
     rm_items = encode("rm", pairs)
     assert all(len(x) == s.prompt_length for x in prompt_ids)
-    return {"prompts": [p.prompt for p in prompts], "prompt_ids": prompt_ids,
+    # The kept tokens as text that encodes back to exactly them: for TRL's GRPOTrainer, which
+    # tokenizes prompt text itself and has no prompt truncation, and for ours on the same text.
+    exact = [tok.decode(ids) for ids in prompt_ids]
+    return {"prompts": [p.prompt for p in prompts], "prompt_ids": prompt_ids, "prompts_exact": exact,
             "pairs": [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs],
             "chosen_ids": [x["chosen_input_ids"] for x in rm_items],
             "rejected_ids": [x["rejected_input_ids"] for x in rm_items]}

@@ -1,4 +1,4 @@
-"""Our side of `python -m rlhf.bench`: the project's real PPO and reward-model stages, timed.
+"""Our side of `python -m rlhf.bench`: the project's real PPO, GRPO and reward-model stages, timed.
 
     python -m rlhf.bench.ours ARGS_JSON     (started by `python -m rlhf.bench`, one process per run)
 
@@ -82,7 +82,8 @@ def run(a: dict, root: str) -> dict:
     from rlhf.training.plan import stage_config
     from rlhf.stages import Inputs
 
-    import rlhf.stages.ppo  # noqa: F401  (the stages' imports count in the baseline RSS)
+    import rlhf.stages.grpo  # noqa: F401  (the stages' imports count in the baseline RSS)
+    import rlhf.stages.ppo  # noqa: F401
     import rlhf.stages.reward_model  # noqa: F401
 
     baseline_rss = current_rss_mb()
@@ -104,6 +105,18 @@ def run(a: dict, root: str) -> dict:
                      f"ppo.weight_decay={a.get('weight_decay', 0.0)}"]
         key, prompts = "ppo", data["prompts"][: s.batch * updates]
         pairs = [PreferencePair(p, "", "") for p in prompts]
+    elif a["kind"] == "grpo":
+        # The same settings as TRL's side (rlhf/bench/trl_side.py:run_grpo); batch counts responses.
+        overrides = ["stage=grpo", f"grpo.policy_path={a['policy']}", f"reward.model_path={a['rm']}",
+                     f"grpo.batch_size={s.batch}", f"grpo.num_generations={s.num_generations}",
+                     f"grpo.num_iterations={s.num_iterations}", f"grpo.num_mini_batches={s.mini_batches}",
+                     f"grpo.response_length={s.response_length}", f"grpo.max_prompt_length={s.prompt_length}",
+                     f"grpo.max_steps={updates}", f"grpo.beta={s.beta}", "grpo.loss_type=grpo",
+                     "grpo.scale_rewards=group", "grpo.stop_token=null", "grpo.missing_eos_penalty=null",
+                     "grpo.max_grad_norm=null", "grpo.temperature=1.0", f"grpo.lr={a['lr']}",
+                     f"grpo.weight_decay={a.get('weight_decay', 0.0)}"]
+        key = "grpo"
+        pairs = [PreferencePair(p, "", "") for p in data["prompts_exact"][: s.batch // s.num_generations * updates]]
     else:
         overrides = ["stage=rm", f"rm.batch_size={s.batch}", f"rm.max_prompt_length={s.prompt_length}",
                      f"rm.max_response_length={s.rm_response_length}", f"rm.max_steps={updates}",
@@ -116,20 +129,21 @@ def run(a: dict, root: str) -> dict:
     pl.seed_everything(a["seed"], workers=True)
     cls, conf = stage_config(cfg, key)
     model_cfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
-    if a["kind"] == "ppo":
+    if a["kind"] in ("ppo", "grpo"):
         tokenizer = load_tokenizer(a["policy"])
         module = cls(conf, model_cfg, Inputs(policy=a["policy"], reward_model=a["rm"]))
-        watched = [module.policy, module.value_model]
+        watched = [module.policy, module.value_model] if a["kind"] == "ppo" else [module.policy]
     else:
         tokenizer = load_tokenizer(a["rm"])
         module = cls(conf, model_cfg, Inputs(policy=a["rm"], pad_token_id=tokenizer.pad_token_id))
         watched = [module.model]
-    dm = PreferenceDataModule(PreferenceSplits(train=pairs, val=[]), tokenizer, cls.data_mode, conf.batch_size,
+    dm = PreferenceDataModule(PreferenceSplits(train=pairs, val=[]), tokenizer, cls.data_mode,
+                              getattr(conf, "loader_batch_size", conf.batch_size),
                               conf.max_prompt_length, conf.max_response_length, seed=a["seed"])
     before = [_probe(m) for m in watched]
     per_batch = module.optimizer_steps_per_batch
     window, opt = _fit(module, dm, cfg, updates * per_batch, a["warmup"], root)
-    phases = getattr(module, "phase_seconds", None) if a["kind"] == "ppo" else None
+    phases = getattr(module, "phase_seconds", None) if a["kind"] != "rm" else None
     res = window.result(s.batch, phases)
     if res.get("seconds") is None:
         res["seconds"] = {"training": res["timed_seconds"]}

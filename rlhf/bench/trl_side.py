@@ -1,5 +1,5 @@
-"""TRL's side of `python -m rlhf.bench --vs-trl`: TRL's PPOTrainer and RewardTrainer on the same
-weights, prompts and settings as ours, timed.
+"""TRL's side of `python -m rlhf.bench --vs-trl`: TRL's PPOTrainer, GRPOTrainer and RewardTrainer on
+the same weights, prompts and settings as ours, timed.
 
     python -m rlhf.bench.trl_side ARGS_JSON     (started by `python -m rlhf.bench --vs-trl`)
 
@@ -12,7 +12,9 @@ the precision on, so we also set ACCELERATE_MIXED_PRECISION=bf16, as `accelerate
 
 Phase split of TRL's PPO: `batch_generation` (generation) and the first training forward of each
 update are stamped by thin wrappers, and the last optimizer step's end; scoring is the time between
-generation and training. The wrappers only read the clock.
+generation and training. GRPO: `_generate` is generation, the rest of `_generate_and_score_completions`
+(rewards, old and reference log-probs) scoring, and from there to the update's last optimizer step
+training. The wrappers only read the clock.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def _changed(model, before) -> bool:
     return not bool((_probe(model) == before).all())
 
 
-def _callback(window: Window, phases: dict | None = None):
+def _callback(window: Window, phases: dict | None = None, steps_per_update: int = 1):
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -52,7 +54,8 @@ def _callback(window: Window, phases: dict | None = None):
             window.begin(phases)
 
         def on_step_end(self, args, state, control, **kw):
-            window.step_end(phases)
+            if state.global_step % steps_per_update == 0:  # an update = one rollout's optimizer steps
+                window.step_end(phases)
 
     return StepTimer()
 
@@ -167,6 +170,98 @@ def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
     return res
 
 
+def run_grpo(a: dict, s, data: dict, out_dir: str) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    updates = a["warmup"] + a["updates"]
+    steps_per_update = s.num_iterations * s.mini_batches
+    # Ours (rlhf/stages/grpo.py, settings in rlhf/bench/ours.py): `batch` responses per rollout in groups
+    # of num_generations, num_iterations passes of mini_batches optimizer steps each, loss "grpo", group
+    # scaling, k3 KL at beta, AdamW eps 1e-5 at lr annealed linearly to 0, no clipping, no stop token.
+    # TRL: per_device_train_batch_size x steps_per_generation = the same responses per generation.
+    tok = AutoTokenizer.from_pretrained(a["policy"], padding_side="left")
+    tok.pad_token = tok.eos_token
+    n_prompts = s.batch // s.num_generations * updates
+    train = Dataset.from_dict({"prompt": data["prompts_exact"][:n_prompts]})
+    kernels = None  # TRL loads the reference model itself, with these from_pretrained arguments
+    if a.get("kernels") == "ours":
+        from rlhf.models.causal_lm import ModelConfig
+
+        kernels = {"attn_implementation": ModelConfig().attention}
+    args = GRPOConfig(
+        output_dir=out_dir, per_device_train_batch_size=s.batch // s.mini_batches, gradient_accumulation_steps=1,
+        steps_per_generation=s.mini_batches, num_generations=s.num_generations, num_iterations=s.num_iterations,
+        max_completion_length=s.response_length, max_steps=updates * steps_per_update, learning_rate=a["lr"],
+        lr_scheduler_type="linear", warmup_steps=0, adam_epsilon=1e-5, weight_decay=a.get("weight_decay", 0.0),
+        max_grad_norm=0.0, beta=s.beta, loss_type="grpo", scale_rewards="group", epsilon=0.2, temperature=1.0,
+        report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        log_completions=False, gradient_checkpointing=False, bf16=a["precision"] == "bf16",
+        use_cpu=a.get("device", "cpu") == "cpu", seed=a["seed"], dataloader_num_workers=0,
+        model_init_kwargs=kernels)
+    policy = _load(AutoModelForCausalLM, a["policy"], a)
+    reward = _load(AutoModelForSequenceClassification, a["rm"], a, num_labels=1)
+    phases = {"generation": 0.0, "scoring": 0.0, "training": 0.0}
+    window = Window(a["warmup"])
+    trainer = GRPOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=train, processing_class=tok,
+                          reward_processing_classes=tok, callbacks=[_callback(window, phases, steps_per_update)])
+    _quiet(trainer)
+    if a.get("kernels") == "ours" and trainer.ref_model is not None:  # TRL loads the reference itself
+        from rlhf.models.causal_lm import fast_gelu
+
+        fast_gelu(trainer.ref_model)
+    st = {"score_end": None, "last_opt": None}
+    generate, generate_and_score = trainer._generate, trainer._generate_and_score_completions
+
+    def close_update():
+        if st["score_end"] is not None and st["last_opt"] is not None:
+            phases["training"] += st["last_opt"] - st["score_end"]
+        st.update(score_end=None, last_opt=None)
+
+    def timed_generate(*args_, **kw):
+        t = time.perf_counter()
+        out = generate(*args_, **kw)
+        phases["generation"] += time.perf_counter() - t
+        return out
+
+    def timed_generate_and_score(*args_, **kw):
+        close_update()
+        t, g = time.perf_counter(), phases["generation"]
+        out = generate_and_score(*args_, **kw)
+        st["score_end"] = time.perf_counter()
+        phases["scoring"] += st["score_end"] - t - (phases["generation"] - g)
+        return out
+
+    trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_generate_and_score
+    trainer.create_optimizer()  # so that its step can be stamped; Trainer keeps an existing optimizer
+    step = trainer.optimizer.step
+
+    def timed_step(*args_, **kw):
+        out = step(*args_, **kw)
+        st["last_opt"] = time.perf_counter()
+        return out
+
+    trainer.optimizer.step = timed_step
+    orig_close = window.step_end
+
+    def step_end(ph=None):
+        close_update()
+        orig_close(ph)
+
+    window.step_end = step_end
+    before = _probe(policy)
+    trainer.train()
+    res = window.result(s.batch, phases)
+    res.update(weights_changed=_changed(trainer.model, before),
+               config={"accelerate_mixed_precision": trainer.accelerator.mixed_precision,
+                       "optim": optimizer_name(trainer.optimizer), "gradient_checkpointing": args.gradient_checkpointing,
+                       "loss_type": args.loss_type, "steps_per_generation": args.steps_per_generation,
+                       "reference_model": trainer.ref_model is not None})
+    return res
+
+
 def run_rm(a: dict, s, data: dict, out_dir: str) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -216,7 +311,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    from trl import RewardTrainer  # noqa: F401  (imports before the baseline RSS)
+    from trl import GRPOTrainer, RewardTrainer  # noqa: F401  (imports before the baseline RSS)
     from trl.experimental.ppo import PPOTrainer  # noqa: F401
 
     baseline_rss = current_rss_mb()
@@ -224,7 +319,7 @@ def main() -> None:
     data = json.loads(Path(a["data"]).read_text())
     torch.manual_seed(a["seed"])
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out_dir:
-        res = (run_ppo if a["kind"] == "ppo" else run_rm)(a, s, data, out_dir)
+        res = {"ppo": run_ppo, "grpo": run_grpo, "rm": run_rm}[a["kind"]](a, s, data, out_dir)
     res.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_rss, threads=torch.get_num_threads(), precision=a["precision"],
                device=a.get("device", "cpu"), peak_gpu_mb=peak_gpu_mb(),
                trl_version=trl.__version__)
