@@ -33,13 +33,12 @@ def sequence_logprobs(model, queries, query_mask, responses, response_mask, temp
     """sum_t log softmax(logits_t / temperature)[y_t] over each row's response tokens where response_mask; [B]."""
     import torch
 
-    from rlhf.algorithms.core import logprobs_from_logits
-    from rlhf.models.sampling import response_logits
+    from rlhf.models.sampling import response_logprobs
 
     with torch.no_grad():
         ids = torch.cat([queries, responses], 1)
         mask = torch.cat([query_mask, response_mask.long()], 1)
-        logp = logprobs_from_logits(response_logits(model, ids, mask, queries.shape[1]), responses, temperature)
+        logp = response_logprobs(model, ids, mask, queries.shape[1], responses, temperature)
         return torch.where(response_mask.bool(), logp, torch.zeros_like(logp)).sum(1)
 
 

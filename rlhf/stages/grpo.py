@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf.algorithms import core
 from rlhf.algorithms.grpo import LOSS_TYPES, SCALE_REWARDS, group_advantages, grpo_loss
-from rlhf.models.sampling import response_logits
+from rlhf.models.sampling import response_logprobs
 from rlhf.stages.online import OnlineConfig, OnlineRLModule
 
 
@@ -76,8 +75,7 @@ class GRPOModule(OnlineRLModule):
         advantages = group_advantages(roll["scores"], c.num_generations, c.scale_rewards)
 
         def step(mb):
-            logits = response_logits(self.policy, ids[mb], mask[mb], Q)
-            new = core.logprobs_from_logits(logits, responses[mb], c.temperature)
+            new = response_logprobs(self.policy, ids[mb], mask[mb], Q, responses[mb], c.temperature)
             loss, st = grpo_loss(new, old[mb], ref[mb] if ref is not None else None, advantages[mb], resp_mask[mb],
                                  c.cliprange, c.cliprange_high, c.beta, c.loss_type, max_response_length=c.response_length)
             self.checked_backward(loss)

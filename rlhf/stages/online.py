@@ -29,7 +29,7 @@ from rlhf.evaluation.gold import gold_scores
 from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm, lower_matmul_weights
 from rlhf.models.lora import reference_policy
 from rlhf.models.reward import load_reward_model, reward_scores
-from rlhf.models.sampling import response_logits, sample
+from rlhf.models.sampling import response_logprobs, sample
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages.base import Inputs, Stage
 from rlhf.stages.common import StageConfig, adamw, clip_each, export_hf
@@ -191,8 +191,7 @@ class OnlineRLModule(Stage):
     def ref_logprobs(self, ids, mask, context_length, responses):
         """Log-probs of the responses under the reference: the frozen copy, or the policy with its LoRA adapter off."""
         with reference_policy(self.policy, self.ref_policy) as ref:
-            logits = response_logits(ref, ids, mask, context_length)
-        return core.logprobs_from_logits(logits, responses, self.cfg.temperature)
+            return response_logprobs(ref, ids, mask, context_length, responses, self.cfg.temperature)
 
     @torch.no_grad()
     def score(self, queries, qmask, responses, resp_mask, prompts: list[str]) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch import nn
 from rlhf.algorithms import core, ppo as F
 from rlhf.models.causal_lm import head_fp32
 from rlhf.models.reward import load_reward_model, token_values
-from rlhf.models.sampling import backbone_hidden, response_logits
+from rlhf.models.sampling import backbone_hidden, response_logprobs
 from rlhf.stages.common import export_hf
 from rlhf.stages.guards import check_finite
 from rlhf.stages.online import OnlineConfig, OnlineRLModule
@@ -124,8 +124,8 @@ class PPOModule(OnlineRLModule):
         # 3b. PPO epochs over shuffled minibatches, one optimizer step each.
         def step(mb):
             h = backbone_hidden(self.policy, ids[mb], mask[mb])
-            new_logits = response_logits(self.policy, ids[mb], mask[mb], Q, hidden=h)
-            new_logprobs = core.logprobs_from_logits(new_logits, responses[mb], c.temperature)
+            new_logprobs, entropy = response_logprobs(self.policy, ids[mb], mask[mb], Q, responses[mb], c.temperature,
+                                                      hidden=h, entropy=True)
             pg_loss, pg = F.policy_loss(new_logprobs, logprobs[mb], advantages[mb], resp_mask[mb], c.cliprange)
             # The models share no weight, so two backward passes give the same gradients as one, and the
             # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
@@ -137,7 +137,7 @@ class PPOModule(OnlineRLModule):
             vf_loss, vf = F.value_loss(vpred, values[mb], returns[mb], resp_mask[mb], c.cliprange_value)
             self.checked_backward(c.vf_coef * vf_loss if separate else pg_loss + c.vf_coef * vf_loss)
             with torch.no_grad():
-                ent = core.masked_mean(core.entropy_from_logits(new_logits.detach(), c.temperature), resp_mask[mb])
+                ent = core.masked_mean(entropy, resp_mask[mb])
             return new_logprobs, {"pg_loss": pg_loss, "vf_loss": vf_loss, "pg_clipfrac": pg["clipfrac"],
                                   "vf_clipfrac": vf["clipfrac"], "approxkl": pg["approxkl"], "ratio": pg["ratio"],
                                   "entropy": ent}

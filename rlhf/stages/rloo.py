@@ -16,7 +16,7 @@ import torch
 
 from rlhf.algorithms import core
 from rlhf.algorithms.rloo import leave_one_out_advantages, rloo_loss, sequence_rewards
-from rlhf.models.sampling import response_logits
+from rlhf.models.sampling import response_logprobs
 from rlhf.stages.online import OnlineConfig, OnlineRLModule
 
 
@@ -71,8 +71,7 @@ class RLOOModule(OnlineRLModule):
                                             all_reduce=self.sum_over_ranks)
 
         def step(mb):
-            logits = response_logits(self.policy, ids[mb], mask[mb], Q)
-            new = core.logprobs_from_logits(logits, responses[mb], c.temperature)
+            new = response_logprobs(self.policy, ids[mb], mask[mb], Q, responses[mb], c.temperature)
             loss, st = rloo_loss(new, old[mb], advantages[mb], resp_mask[mb], c.cliprange)
             self.checked_backward(loss)
             return new, {"loss": loss, **st}
