@@ -95,16 +95,32 @@ def _phase_probes(mod, phases: dict):
 
     def wrap_optimizer(trainer):
         st["model"] = trainer.model
-        step = trainer.optimizer.step
-
-        def timed_step(*a, **k):
-            out = step(*a, **k)
-            st["last_opt"] = time.perf_counter()
-            return out
-
-        trainer.optimizer.step = timed_step
+        _stamp_optimizer_steps(trainer.optimizer, st)
 
     return wrap_optimizer, close_update
+
+
+def _stamp_optimizer_steps(optimizer, st: dict) -> None:
+    """`st["last_opt"]` = when the optimizer's latest step ended: the end of an update's training."""
+    step = optimizer.step
+
+    def timed_step(*a, **k):
+        out = step(*a, **k)
+        st["last_opt"] = time.perf_counter()
+        return out
+
+    optimizer.step = timed_step
+
+
+def _close_phases_at_step_end(window: Window, close_update) -> None:
+    """Close the update's phases before the window snapshots them at each update's end."""
+    orig = window.step_end
+
+    def step_end(ph=None):
+        close_update()
+        orig(ph)
+
+    window.step_end = step_end
 
 
 def _load(cls, path: str, a: dict, **kw):
@@ -154,13 +170,7 @@ def run_ppo(a: dict, s, data: dict, out_dir: str) -> dict:
                          callbacks=[_callback(window, phases)])
     _quiet(trainer)
     wrap_optimizer(trainer)
-    orig_close = window.step_end
-
-    def step_end(ph=None):  # close the update's phases before the window snapshots them
-        close_update()
-        orig_close(ph)
-
-    window.step_end = step_end
+    _close_phases_at_step_end(window, close_update)
     before = [_probe(policy), _probe(value)]
     trainer.train()
     res = window.result(s.batch, phases)
@@ -236,21 +246,8 @@ def run_grpo(a: dict, s, data: dict, out_dir: str) -> dict:
 
     trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_generate_and_score
     trainer.create_optimizer()  # so that its step can be stamped; Trainer keeps an existing optimizer
-    step = trainer.optimizer.step
-
-    def timed_step(*args_, **kw):
-        out = step(*args_, **kw)
-        st["last_opt"] = time.perf_counter()
-        return out
-
-    trainer.optimizer.step = timed_step
-    orig_close = window.step_end
-
-    def step_end(ph=None):
-        close_update()
-        orig_close(ph)
-
-    window.step_end = step_end
+    _stamp_optimizer_steps(trainer.optimizer, st)
+    _close_phases_at_step_end(window, close_update)
     before = _probe(policy)
     trainer.train()
     res = window.result(s.batch, phases)
