@@ -101,7 +101,7 @@ def parse(argv=None) -> argparse.Namespace:
         s = replace(Shape(), **{**shape, **{f: getattr(a, f) for f in SHAPE_FLAGS if getattr(a, f) is not None}})
         if s.batch % s.mini_batches:
             ap.error(f"--batch {s.batch} is not divisible by --mini-batches {s.mini_batches}")
-        if "grpo" in kinds and (s.num_generations < 2 or s.batch % (s.num_generations * s.mini_batches)):
+        if "grpo" in kinds and not grpo_splits(s, s.batch):
             ap.error(f"grpo: --batch {s.batch} (responses) must split into groups of --num-generations "
                      f"{s.num_generations} (>= 2) in each of --mini-batches {s.mini_batches}")
         if s.dim % s.heads:
@@ -122,7 +122,7 @@ def parse(argv=None) -> argparse.Namespace:
             ap.error("--scaling times ours only; run --vs-trl separately")
         s0 = a.plans[0][0]
         for b in a.sweep_batches:
-            if b % s0.mini_batches or (kinds[0] == "grpo" and b % (s0.num_generations * s0.mini_batches)):
+            if b % s0.mini_batches or (kinds[0] == "grpo" and not grpo_splits(s0, b)):
                 ap.error(f"--batches: {b} does not split into --mini-batches {s0.mini_batches}"
                          + (f" of groups of {s0.num_generations}" if kinds[0] == "grpo" else ""))
         a.plans = [(s0, kinds, a.episodes or 64)]
@@ -153,6 +153,19 @@ def _cpu_has_bf16() -> bool:
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def job_for(a, kind: str, s: Shape, dirs: dict, tmp: Path, updates: int) -> dict:
+    """What one measurement subprocess is told (its side and precision are added by the caller)."""
+    return {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
+            "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates, "threads": a.threads,
+            "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr, "weight_decay": a.weight_decay,
+            "kernels": a.trl_kernels, "device": a.device}
+
+
+def grpo_splits(s: Shape, batch: int) -> bool:
+    """Whether `batch` responses split into --mini-batches of whole groups of --num-generations."""
+    return s.num_generations >= 2 and batch % (s.num_generations * s.mini_batches) == 0
 
 
 def run_side(impl: str, job: dict, a, tmp: Path) -> dict:
@@ -237,11 +250,7 @@ def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
             else:
                 mean_tokens = sum(len(c) + len(r) for c, r in zip(data["chosen_ids"], data["rejected_ids"])) / len(data["chosen_ids"])
                 flops = rm_flops_per_pair(s, mean_tokens)
-            base = {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
-                    "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates[kind],
-                    "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr,
-                    "weight_decay": a.weight_decay,
-                    "kernels": a.trl_kernels, "device": a.device}
+            base = job_for(a, kind, s, dirs, tmp, updates[kind])
             sides = [("ours", a.precision)] + ([("trl", p) for p in a.trl_precisions] if a.vs_trl else [])
             runs: dict = {side: [] for side in sides}
             for r in range(a.rounds):
@@ -279,11 +288,7 @@ def run_scaling(a) -> int:
         for b in a.sweep_batches:
             for r in a.sweep_lengths:
                 s = replace(s0, batch=b, response_length=r)
-                job = {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
-                       "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": math.ceil(episodes / b),
-                       "threads": a.threads, "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr,
-                       "weight_decay": a.weight_decay, "kernels": a.trl_kernels, "device": a.device,
-                       "precision": a.precision}
+                job = {**job_for(a, kind, s, dirs, tmp, math.ceil(episodes / b)), "precision": a.precision}
                 runs = []
                 for i in range(a.rounds):
                     log(f"scaling: batch {b}, {r} response tokens, round {i + 1}/{a.rounds}")
