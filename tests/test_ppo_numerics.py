@@ -123,7 +123,7 @@ def test_bf16_update_with_sdpa_starts_at_ratio_one(trained_artifacts, tmp_path):
     m = {k: float(v) for k, v in trainer.logged_metrics.items()}
     assert m["policy/logprob_gap_max"] < 0.02, m
     assert m["policy/clipfrac_avg"] == 0.0, m
-    assert abs(m["value/ratio"] - 1.0) < 1e-3, m
+    assert abs(m["policy/ratio"] - 1.0) < 1e-3, m
 
 
 # ----------------------------------------------------------------------------- sampler

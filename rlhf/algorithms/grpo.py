@@ -16,6 +16,8 @@ from rlhf.algorithms.core import kl_penalty
 
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+# TRL's loss_type names -> the registered aggregations (`rlhf/algorithms/parts.py`, `loss_agg_mode`).
+AGGREGATION = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_norm", "dapo": "token_mean"}
 
 
 def group_advantages(
@@ -53,11 +55,6 @@ def k3_kl(new_logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return kl_penalty(new_logprobs, ref_logprobs, "k3")
 
 
-def _masked_token_mean(x: Tensor, mask: Tensor) -> Tensor:
-    # Clamped count so a batch with no valid tokens logs 0 rather than NaN.
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1).to(x.dtype)
-
-
 def grpo_loss(
     new_logprobs: Tensor,
     old_logprobs: Tensor,
@@ -70,7 +67,8 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_response_length: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped GRPO surrogate (+ beta * k3 KL to the reference), aggregated per `loss_type`.
+    """Clipped GRPO surrogate (+ beta * k3 KL to the reference), aggregated per `loss_type` (TRL's names):
+    the registered parts `algo=grpo` runs (`clipped`, the k3 KL in the loss, `AGGREGATION[loss_type]`), in one call.
 
     new/old/ref logprobs and mask: [B, T]; advantages: [B], one per sequence, shared by its tokens.
     `cliprange_high` > `cliprange_low` is DAPO's "clip-higher". `ref_logprobs` may be None when beta == 0.
@@ -91,42 +89,22 @@ def grpo_loss(
         max_response_length = width
     if loss_type == "dr_grpo" and max_response_length < width:
         raise ValueError(f"max_response_length ({max_response_length}) is shorter than the responses ({width})")
-    if cliprange_high is None:
-        cliprange_high = cliprange_low
+    from types import SimpleNamespace
+
+    from rlhf.algorithms import parts
 
     mask = mask.bool()
-    zeros = torch.zeros_like(new_logprobs)
-    # Zero the inputs at padding *before* any arithmetic: padded log-probs may be garbage (TRL fills
-    # 1.0, models can give -inf) and a NaN there would poison the backward pass even through a
-    # later torch.where (its zero gradient times a NaN local derivative is NaN).
-    new_logprobs = torch.where(mask, new_logprobs, zeros)
-    old_logprobs = torch.where(mask, old_logprobs, zeros)
-    ratio = torch.exp(new_logprobs - old_logprobs)
-    adv = advantages.to(ratio.dtype).unsqueeze(1)
-    clipped_ratio = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
-    # Pessimistic min: moving the ratio past the trust region in the favoured direction earns nothing.
-    per_token_loss = -torch.min(ratio * adv, clipped_ratio * adv)
-
+    cfg = SimpleNamespace(cliprange=cliprange_low, cliprange_high=cliprange_high, response_length=max_response_length,
+                          loss_agg_mode=AGGREGATION[loss_type])
+    adv = advantages.to(new_logprobs.dtype).unsqueeze(1) * mask.to(new_logprobs.dtype)
+    per_token_loss, stats = parts.clipped_surrogate(new_logprobs, old_logprobs, adv, mask, cfg)
+    stats.pop("approxkl")
     if beta > 0:
-        per_token_kl = k3_kl(new_logprobs, torch.where(mask, ref_logprobs, zeros))
+        zeros = torch.zeros_like(new_logprobs)
+        per_token_kl = k3_kl(torch.where(mask, new_logprobs, zeros), torch.where(mask, ref_logprobs, zeros))
         per_token_loss = per_token_loss + beta * per_token_kl
-    per_token_loss = torch.where(mask, per_token_loss, zeros)
-
-    weights = mask.to(per_token_loss.dtype)
-    if loss_type == "grpo":
-        # Every sequence weighs the same, so long responses' tokens each count less (length bias).
-        loss = (per_token_loss.sum(dim=1) / weights.sum(dim=1).clamp(min=1)).mean()
-    elif loss_type == "dr_grpo":
-        # Constant denominator: a token weighs the same whatever its response or batch length.
-        loss = per_token_loss.sum() / (batch * max_response_length)
-    else:  # dapo: token-level mean, every valid token in the batch weighs the same
-        loss = per_token_loss.sum() / weights.sum().clamp(min=1)
-
-    with torch.no_grad():
-        is_clipped = ((ratio < 1.0 - cliprange_low) & (adv < 0)) | ((ratio > 1.0 + cliprange_high) & (adv > 0))
-        stats = {
-            "clipfrac": _masked_token_mean(is_clipped.to(ratio.dtype), mask),
-            "kl": _masked_token_mean(per_token_kl, mask) if beta > 0 else ratio.new_zeros(()),
-            "ratio": _masked_token_mean(ratio, mask),
-        }
+        stats["kl"] = parts.token_mean_of(per_token_kl.detach(), mask)
+    else:
+        stats["kl"] = new_logprobs.new_zeros(())
+    loss = parts.aggregate(torch.where(mask, per_token_loss, 0.0), mask, cfg)
     return loss, stats

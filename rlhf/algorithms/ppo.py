@@ -61,20 +61,15 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 def policy_loss(
     new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
 ) -> tuple[Tensor, dict]:
-    logratio = new_logprobs - old_logprobs
-    ratio = torch.exp(logratio)
-    pg_losses = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    # Pessimistic (max of losses) so the update gets no credit for moving the
-    # ratio past the trust region in the direction the advantage favours.
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), mask)
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((pg_losses2 > pg_losses).to(ratio.dtype), mask),
-            "approxkl": 0.5 * masked_mean(logratio**2, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    """PPO's clipped surrogate, token mean: the registered parts `clipped` + `token_mean` (what `algo=ppo` runs)."""
+    from types import SimpleNamespace
+
+    from rlhf.algorithms import parts
+
+    mask = mask.bool()
+    losses, stats = parts.clipped_surrogate(new_logprobs, old_logprobs, advantages, mask,
+                                            SimpleNamespace(cliprange=cliprange, cliprange_high=None))
+    return parts.token_mean(losses, mask, None), stats
 
 
 def value_loss(

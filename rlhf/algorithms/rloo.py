@@ -59,7 +59,8 @@ def sequence_rewards(
 def rloo_loss(
     new_logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float = 0.2
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate on the sequence-level ratio exp(sum_t new - sum_t old), mean over sequences."""
+    """Clipped surrogate on the sequence-level ratio exp(sum_t new - sum_t old), mean over sequences: the
+    registered part `clipped_sequence` (what `algo=rloo` runs), in one call."""
     if new_logprobs.shape != old_logprobs.shape or new_logprobs.shape != mask.shape or new_logprobs.dim() != 2:
         raise ValueError(
             f"new_logprobs, old_logprobs and mask must share one [B, T] shape, got "
@@ -69,21 +70,11 @@ def rloo_loss(
         raise ValueError(
             f"advantages must have shape ({mask.shape[0]},) (one per sequence), got {tuple(advantages.shape)}"
         )
-    mask = mask.bool()
-    # Mask the inputs before summing: padded log-probs may be garbage (TRL fills 1.0, models can
-    # give -inf), and masking only the result would still let a NaN into the backward pass.
-    zeros = torch.zeros_like(new_logprobs)
-    logratio = (torch.where(mask, new_logprobs, zeros) - torch.where(mask, old_logprobs, zeros)).sum(dim=1)
-    ratio = torch.exp(logratio)
-    adv = advantages.to(ratio.dtype)
-    pg_losses = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    # Pessimistic max of losses, as PPO: no credit for leaving the trust region.
-    loss = torch.max(pg_losses, pg_losses2).mean()
-    with torch.no_grad():
-        stats = {
-            "clipfrac": (pg_losses2 > pg_losses).to(ratio.dtype).mean(),
-            "ratio": ratio.mean(),
-            "approxkl": 0.5 * (logratio**2).mean(),
-        }
+    from types import SimpleNamespace
+
+    from rlhf.algorithms.parts import clipped_sequence_surrogate
+
+    losses, stats = clipped_sequence_surrogate(new_logprobs, old_logprobs, advantages.to(new_logprobs.dtype),
+                                               mask.bool(), SimpleNamespace(cliprange=cliprange))
+    loss = losses.mean()
     return loss, stats

@@ -111,7 +111,7 @@ def run(a: dict, root: str) -> dict:
                      f"grpo.batch_size={s.batch}", f"grpo.num_generations={s.num_generations}",
                      f"grpo.num_iterations={s.num_iterations}", f"grpo.num_mini_batches={s.mini_batches}",
                      f"grpo.response_length={s.response_length}", f"grpo.max_prompt_length={s.prompt_length}",
-                     f"grpo.max_steps={updates}", f"grpo.beta={s.beta}", "grpo.loss_type=grpo",
+                     f"grpo.max_steps={updates}", f"grpo.beta={s.beta}", "grpo.loss_agg_mode=seq_mean_token_mean",
                      "grpo.scale_rewards=group", "grpo.stop_token=null", "grpo.missing_eos_penalty=null",
                      "grpo.max_grad_norm=null", "grpo.temperature=1.0", f"grpo.lr={a['lr']}",
                      f"grpo.weight_decay={a.get('weight_decay', 0.0)}"]

@@ -1,83 +1,47 @@
-"""What every online RL stage shares (PPO, GRPO, RLOO): rollout, reward, reference log-probs, frozen
-models, rank reductions, per-update randomness, metrics, export and the held-out evaluation.
+"""What every online RL stage shares (PPO, GRPO, RLOO, REINFORCE++, GSPO, CISPO): rollout, reward,
+reference log-probs, frozen models, the critic when one is configured, the update assembled from
+registered parts (`rlhf/algorithms/parts.py`), rank reductions, per-update randomness, metrics,
+export and the held-out evaluation.
 
-A subclass supplies its config (extending `OnlineConfig`) and `update(roll)`: advantages, losses
-and optimizer steps on one scored rollout. `training_step` is the loop every algorithm runs:
+A subclass is a named choice of parts: its config (extending `OnlineConfig`) sets the defaults of
+`advantage_estimator`, `policy_loss`, `loss_agg_mode`, `kl_in` and `kl_estimator`, and names its
+group size, epochs and KL coefficient. `training_step` is the loop every algorithm runs:
 
     1. rollout     sample `generations_per_prompt` responses per prompt; the sampler's logits
                    give the old log-probs
     2. score       reward (reward model and/or reward functions), missing-EOS penalty, reference
-                   log-probs
-    3. update      the algorithm: advantages, losses, optimizer steps
+                   log-probs -> a `Rollout`
+    3. update      values (critic), the KL placement, advantages, then `epochs` shuffled passes of
+                   `num_mini_batches` optimizer steps on the policy loss (+ value loss)
     4. bookkeeping metrics shared by every algorithm, the reference CSV row, samples
 """
 from __future__ import annotations
 
 import copy
+import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from rlhf.algorithms import core
+from rlhf.algorithms import core, parts
+from rlhf.algorithms.ppo import AdaptiveKLController, FixedKLController, compute_rewards, value_loss
 from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.gold import gold_scores
-from rlhf.models.causal_lm import ModelConfig, freeze, load_causal_lm, lower_matmul_weights
+from rlhf.models.causal_lm import ModelConfig, freeze, head_fp32, load_causal_lm, lower_matmul_weights
 from rlhf.models.lora import reference_policy
-from rlhf.models.reward import load_reward_model, reward_scores
-from rlhf.models.sampling import response_logprobs, sample
+from rlhf.models.reward import load_reward_model, reward_scores, token_values
+from rlhf.models.sampling import backbone_hidden, response_logprobs, sample
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages.base import Inputs, Stage
-from rlhf.stages.common import StageConfig, adamw, clip_each, export_hf
+from rlhf.stages.common import adamw, clip_each, export_hf
 from rlhf.stages.guards import check_finite
+from rlhf.stages.online_config import OnlineConfig, Rollout
 
-
-@dataclass
-class OnlineConfig(StageConfig):
-    lr: float = 3e-4  # AdamW learning rate (the root `lr` overrides it), annealed linearly to 0
-    anneal_lr: bool = True  # linear decay of lr over max_steps, stepped by hand once per update
-    adam_eps: float = 1e-5  # the N+ details use 1e-5 rather than 1e-8
-    weight_decay: float = 0.0  # AdamW decay on weight matrices (never biases/norms); 0 as TRL and the N+ details
-    max_grad_norm: float | None = 1.0  # per optimizer step, each trained model clipped to it; null disables
-    batch_size: int = 32  # episodes (responses) per rollout = per update
-    max_steps: int = 100  # updates (trainer.max_steps overrides)
-    max_prompt_length: int = 64  # prompt tokens kept (the last ones), left-padded
-    response_length: int = 16  # tokens sampled per response
-    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature too
-    stop_token: str | None = "eos"  # responses are truncated after the first one; null: no truncation
-    missing_eos_penalty: float | None = 1.0  # subtracted from the score of responses without stop token
-    policy_path: str | None = None  # start policy (HF dir); default: the run's SFT output, else the model config
-    sample_every: int = 10  # log prompt/response samples as TensorBoard text every N updates
-    eval_prompts: int = 200  # held-out prompts for the before/after gold evaluation
-    # Warn when a rollout's log-probs and the first training forward's differ by more (nats, max over
-    # tokens, before any step): precision or kernel differences that would make ratios start off 1.
-    logprob_gap_warn: float = 0.05
-
-    def __post_init__(self):
-        self.check_positive("lr", "batch_size", "max_steps", "max_prompt_length", "response_length",
-                            "temperature", "sample_every", "eval_prompts", "adam_eps", "logprob_gap_warn")
-        self.check_positive("weight_decay", allow_zero=True)
-        if self.stop_token not in ("eos", None):
-            raise ValueError(f"stop_token must be eos or null, got {self.stop_token!r}")
-        if self.batch_size % self.generations_per_prompt:
-            raise ValueError(f"batch_size={self.batch_size} is not divisible by the "
-                             f"{self.generations_per_prompt} responses sampled per prompt")
-
-    @property
-    def generations_per_prompt(self) -> int:
-        return 1
-
-    @property
-    def max_response_length(self) -> int:
-        return self.response_length
-
-    @property
-    def loader_batch_size(self) -> int:  # prompts per rollout
-        return self.batch_size // self.generations_per_prompt
+__all__ = ["OnlineConfig", "OnlineRLModule", "Rollout"]
 
 
 class OnlineRLModule(Stage):
@@ -118,6 +82,18 @@ class OnlineRLModule(Stage):
         self.reward_init = inputs.reward_model
         self.gold = inputs.gold
         self.stop_id = self.tokenizer.eos_token_id if cfg.stop_token == "eos" else None
+        if cfg.value_model == "separate":
+            # Initialised from the reward model (N+ details), which must read the policy's tokens;
+            # without one (reward functions) or with another vocabulary it starts from the policy.
+            value_init = inputs.reward_model if inputs.reward_model and self.same_tokenizer else inputs.policy
+            self.value_model = load_reward_model(model, value_init, self.tokenizer.pad_token_id)
+        elif cfg.value_model == "shared":
+            self.value_head = nn.Linear(self.policy.config.hidden_size, 1)
+            nn.init.normal_(self.value_head.weight, std=1 / math.sqrt(self.policy.config.hidden_size + 1))
+            nn.init.zeros_(self.value_head.bias)
+        coef = cfg.kl_coef_value
+        self.kl_ctl = (AdaptiveKLController(coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else FixedKLController(coef))
         self.episodes = 0
         self.seed = torch.initial_seed()  # the run seed: the pipeline seeds every stage before building it
         self.phase_seconds: dict[str, float] = {}  # generation / scoring / training wall time, summed
@@ -125,7 +101,16 @@ class OnlineRLModule(Stage):
         self._gap_warned = False
         self._last_tick = time.perf_counter()
 
-    uses_reference = True  # GRPO with beta 0 needs no reference model
+    @property
+    def uses_reference(self) -> bool:
+        """A KL in the reward keeps the reference even at coefficient 0 (its KL is still logged); a KL
+        term in the loss at 0 (GRPO's beta 0, as TRL) or no KL loads none."""
+        return self.cfg.kl_in == "reward" or (self.cfg.kl_in == "loss" and self.cfg.kl_coef_value > 0)
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps per update, derived from the settings (epochs x minibatches), never set by hand."""
+        return self.cfg.optimizer_steps_per_update
 
     @classmethod
     def preflight(cls, conf, plan, cfg) -> None:
@@ -136,7 +121,11 @@ class OnlineRLModule(Stage):
     # ----- optimisation -----
     def trained_models(self) -> dict[str, list[nn.Parameter]]:
         """Each trained model's parameters, clipped separately (`max_grad_norm`)."""
-        return {"policy": list(self.policy.parameters())}
+        models = {"policy": list(self.policy.parameters())}
+        if self.cfg.value_model is not None:
+            critic = self.value_model if self.cfg.value_model == "separate" else self.value_head
+            models["value"] = list(critic.parameters())
+        return models
 
     def configure_optimizers(self):
         opt = adamw(self.parameters(), self.trainer, self.cfg.weight_decay, lr=self.cfg.lr, eps=self.cfg.adam_eps)
@@ -253,28 +242,131 @@ class OnlineRLModule(Stage):
                 ref = torch.where(resp_mask, self.ref_logprobs(ids, mask, Q, responses), core.INVALID_LOGPROB)
         check_finite(self, self.name.upper(), scores=scores)
         self.tick("scoring")
-        roll = {"ids": ids, "mask": mask, "context_length": Q, "responses": responses, "resp_mask": resp_mask,
-                "has_stop": has_stop, "logprobs": logprobs, "ref_logprobs": ref, "scores": scores,
-                "prompts": prompts, "generator": gen}
+        roll = Rollout(ids=ids, mask=mask, context_length=Q, responses=responses, resp_mask=resp_mask,
+                       has_stop=has_stop, logprobs=logprobs, ref_logprobs=ref, scores=scores, prompts=prompts,
+                       generator=gen)
         # 3. The algorithm: advantages, losses, optimizer steps.
         self.policy.train()
         self._grad_norms = {}
-        metrics, csv = self.update(roll)
+        metrics = self.update(roll)
         self.lr_schedulers().step()
         self.tick("training")
         # 4. Bookkeeping.
         self.episodes += c.batch_size * self.trainer.world_size
-        self.log_update(roll, metrics, csv)
+        self.log_update(roll, metrics)
 
-    def update(self, roll: dict) -> tuple[dict, dict]:
-        """Optimise on one scored rollout.
+    # ----- the update, assembled from the configured parts -----
+    def _values(self, ids, mask, context_length, hidden=None):
+        """V(state before each response token), in the normalised reward's units, [B, R].
 
-        Returns the update's metrics (slash-namespaced, logged as global means) and its reference-CSV
-        columns, each mapped to one of those metric names or to a value.
+        A value model initialised from the reward model then starts out predicting the score the
+        policy will receive (N+ details): at a response's stop token its value is that response's score.
         """
-        raise NotImplementedError
+        if self.cfg.value_model == "separate":
+            return token_values(self.value_model, ids, mask, normalize=True)[:, context_length - 1 : -1]
+        return head_fp32(self.value_head, hidden[:, context_length - 1 : -1]).squeeze(-1)
 
-    def minibatch_steps(self, roll: dict, epochs: int, num_mini_batches: int, step) -> dict[str, torch.Tensor]:
+    def advantage_inputs(self, roll: Rollout) -> tuple[parts.AdvantageInputs, dict]:
+        """Values, the KL placement and the rewards the estimator reads; with the KL metrics."""
+        c = self.cfg
+        coef = self.kl_ctl.value
+        values = None
+        if c.value_model is not None:
+            self.policy.eval()
+            hidden = backbone_hidden(self.policy, roll.ids, roll.mask) if c.value_model == "shared" else None
+            values = torch.where(roll.resp_mask, self._values(roll.ids, roll.mask, roll.context_length, hidden), 0.0)
+            self.policy.train()
+        m = {"objective/kl_coef": coef}
+        if c.kl_in == "reward":
+            rewards, kl, non_score = compute_rewards(roll.scores, roll.logprobs, roll.ref_logprobs, roll.resp_mask,
+                                                     coef, c.kl_estimator)
+            kl_sum = kl.sum(1)
+            sequence_rewards = roll.scores.to(kl.dtype) - coef * kl_sum
+            nsr = non_score.sum(1).mean()
+            m.update({"objective/kl": kl_sum.mean(), "objective/non_score_reward": nsr,
+                      "objective/rlhf_reward": roll.scores.mean() + nsr})
+            check_finite(self, self.name.upper(), kl=kl)
+        else:  # the score alone, at the last token
+            zeros = torch.zeros_like(roll.logprobs)
+            rewards, _, _ = compute_rewards(roll.scores, zeros, zeros, roll.resp_mask, 0.0, "k1")
+            sequence_rewards = roll.scores.to(rewards.dtype)
+        if c.whiten_rewards:
+            rewards = core.masked_whiten(rewards, roll.resp_mask, shift_mean=False, all_reduce=self.sum_over_ranks)
+        n = c.generations_per_prompt
+        if n > 1:
+            std_in_group = roll.scores.view(-1, n).std(dim=1)
+            m.update({"objective/reward_std_in_group": std_in_group.mean(),
+                      "objective/frac_reward_zero_std": (std_in_group == 0).float().mean()})
+        return parts.AdvantageInputs(rewards, sequence_rewards, roll.resp_mask, n, values, self.sum_over_ranks), m
+
+    def update(self, roll: Rollout) -> dict:
+        """Advantages from the configured estimator, then `epochs` passes of `num_mini_batches` steps on the
+        configured policy loss, aggregation and KL term (+ the critic's value loss). Returns the update's
+        metrics; `extra_metrics` adds an algorithm's own."""
+        c = self.cfg
+        with torch.no_grad():
+            x, m = self.advantage_inputs(roll)
+            adv = parts.ADVANTAGE_ESTIMATORS[c.advantage_estimator].fn(x, c)
+        check_finite(self, self.name.upper(), advantages=adv.token)
+        self.tick("scoring")
+        per_sequence = parts.POLICY_LOSSES[c.policy_loss].per_sequence
+        loss_fn = parts.POLICY_LOSSES[c.policy_loss].fn
+        kl_term = c.kl_in == "loss" and c.kl_coef_value > 0
+        ids, mask, Q, responses, old = roll.ids, roll.mask, roll.context_length, roll.responses, roll.logprobs
+        values = x.values
+
+        def step(mb):
+            rm = roll.resp_mask[mb]
+            h = backbone_hidden(self.policy, ids[mb], mask[mb])
+            new, entropy = response_logprobs(self.policy, ids[mb], mask[mb], Q, responses[mb], c.temperature,
+                                             hidden=h, entropy=True)
+            a = adv[mb]
+            loss, st = loss_fn(new, old[mb], a.sequence if per_sequence else a.token, rm, c)
+            if kl_term:
+                zeros = torch.zeros_like(new)
+                kl = core.kl_penalty(torch.where(rm, new, zeros), torch.where(rm, roll.ref_logprobs[mb], zeros),
+                                     c.kl_estimator)
+                loss = loss + c.kl_coef_value * kl
+                st["kl"] = core.masked_mean(kl.detach(), rm)
+            pg_loss = parts.aggregate(loss if per_sequence else torch.where(rm, loss, 0.0), rm, c)
+            st["pg_loss"] = pg_loss
+            with torch.no_grad():
+                st["entropy"] = core.masked_mean(entropy, rm)
+            if values is None:
+                self.checked_backward(pg_loss)
+                return new, st
+            # The models share no weight, so two backward passes give the same gradients as one, and the
+            # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
+            # small peaks ~300 MB lower. DDP's gradient reducer wants one backward per step.
+            separate = c.value_model == "separate" and self.trainer.world_size == 1
+            if separate:
+                self.checked_backward(pg_loss)
+            vpred = self._values(ids[mb], mask[mb], Q, h)
+            vf_loss, vf = value_loss(vpred, values[mb], adv.returns[mb], rm, c.cliprange_value)
+            self.checked_backward(c.vf_coef * vf_loss if separate else pg_loss + c.vf_coef * vf_loss)
+            return new, {**st, "vf_loss": vf_loss, "vf_clipfrac": vf["clipfrac"]}
+
+        avg = self.minibatch_steps(roll, c.epochs, c.num_mini_batches, step)
+        if isinstance(self.kl_ctl, AdaptiveKLController):
+            # Under DDP every rank keeps the same coefficient, following the global mean KL.
+            mean_kl = self.mean_over_ranks(m["objective/kl"].detach().double())
+            self.kl_ctl.update(mean_kl.item(), c.batch_size * self.trainer.world_size)
+        m.update({"loss/policy_avg": avg["pg_loss"], "policy/clipfrac_avg": avg["clipfrac"],
+                  "policy/approxkl_avg": avg["approxkl"], "policy/ratio": avg["ratio"],
+                  "policy/entropy_avg": avg["entropy"], "policy/logprob_gap": avg["logprob_gap"],
+                  "policy/logprob_gap_max": avg["logprob_gap_max"]})
+        if kl_term:
+            m["policy/kl_loss"] = avg["kl"]
+        if values is not None:
+            m.update({"loss/value_avg": avg["vf_loss"], "value/clipfrac_avg": avg["vf_clipfrac"]})
+        m.update(self.extra_metrics(roll, adv, avg))
+        return m
+
+    def extra_metrics(self, roll: Rollout, adv: parts.Advantages, avg: dict) -> dict:
+        """An algorithm's own metrics beyond the shared ones (slash-namespaced; logged as global means)."""
+        return {}
+
+    def minibatch_steps(self, roll: Rollout, epochs: int, num_mini_batches: int, step) -> dict[str, torch.Tensor]:
         """`epochs` shuffled passes over the rollout, `num_mini_batches` optimizer steps each.
 
         `step(mb)` runs one minibatch (indices `mb`): forward, losses, `checked_backward`; it returns
@@ -286,11 +378,11 @@ class OnlineRLModule(Stage):
         stats: dict[str, list] = {}
         gap = None
         for _ in range(epochs):
-            order = torch.randperm(roll["ids"].shape[0], device=self.device, generator=roll["generator"])
+            order = torch.randperm(roll.ids.shape[0], device=self.device, generator=roll.generator)
             for mb in order.split(self.cfg.batch_size // num_mini_batches):
                 new_logprobs, st = step(mb)
                 if gap is None:
-                    gap = self.logprob_gap(new_logprobs.detach(), roll["logprobs"][mb], roll["resp_mask"][mb])
+                    gap = self.logprob_gap(new_logprobs.detach(), roll.logprobs[mb], roll.resp_mask[mb])
                 opt.step()  # clips each trained model's gradients first (`on_before_optimizer_step`)
                 opt.zero_grad(set_to_none=True)  # freed now, not held through the next rollout
                 for k, v in st.items():
@@ -318,22 +410,29 @@ class OnlineRLModule(Stage):
                            "model.attn_implementation")
         return mean, worst
 
-    def log_update(self, roll: dict, metrics: dict, csv: dict) -> None:
-        """Shared objective/* metrics plus the algorithm's, logged as global means; the CSV row; samples."""
-        resp_mask, scores = roll["resp_mask"], roll["scores"]
+    # metrics.csv: the reference schema's columns, then these extra ones, each from the metric named
+    # (a column is written only when the update logged its metric).
+    CSV_FROM_METRICS = {"policy_loss": "loss/policy_avg", "value_loss": "loss/value_avg",
+                        "kl_divergence": "objective/kl", "kl_coef": "objective/kl_coef",
+                        "approxkl": "policy/approxkl_avg", "clipfrac": "policy/clipfrac_avg",
+                        "logprob_gap_max": "policy/logprob_gap_max"}
+
+    def log_update(self, roll: Rollout, metrics: dict) -> None:
+        """Shared objective/* metrics plus the update's, logged as global means; the CSV row; samples."""
+        resp_mask, scores = roll.resp_mask, roll.scores
         lr = self.lr_schedulers().get_last_lr()[0]
-        texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(roll["responses"], resp_mask)]
-        m = {"objective/scores": scores.mean(), "objective/entropy": (-roll["logprobs"] * resp_mask).sum(1).mean(),
-             "objective/eos_frac": roll["has_stop"].float().mean(),
+        texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(roll.responses, resp_mask)]
+        m = {"objective/scores": scores.mean(), "objective/entropy": (-roll.logprobs * resp_mask).sum(1).mean(),
+             "objective/eos_frac": roll.has_stop.float().mean(),
              "objective/response_length": resp_mask.sum(1).float().mean(), "lr": lr, "episode": float(self.episodes)}
-        if roll["ref_logprobs"] is not None:
-            kl = torch.where(resp_mask, roll["logprobs"] - roll["ref_logprobs"], 0.0)  # k1 per sequence
+        if roll.ref_logprobs is not None:  # k1 per sequence, unless the KL placement logged its own estimate
+            kl = torch.where(resp_mask, roll.logprobs - roll.ref_logprobs, 0.0)
             m["objective/kl"] = kl.sum(1).mean()
         m.update(metrics)
         for name, norms in self._grad_norms.items():  # before clipping, mean over the update's steps
             m[f"{name}/grad_norm"] = torch.stack(norms).mean()
         if self.gold is not None:
-            m["objective/gold_scores"] = sum(gold_scores(self.gold, roll["prompts"], texts)) / len(texts)
+            m["objective/gold_scores"] = sum(gold_scores(self.gold, roll.prompts, texts)) / len(texts)
         m = {k: float(v) for k, v in m.items()}
         if self.trainer.world_size > 1:  # one all-reduce for all metrics: logs and the CSV show global means
             keys = list(m)
@@ -342,16 +441,16 @@ class OnlineRLModule(Stage):
             m["episode"] = float(self.episodes)
         self.log_dict(m, prog_bar=False)
         self.log("reward", m["objective/scores"], prog_bar=True)
-        row = {"policy_loss": "", "value_loss": "", "kl_divergence": m.get("objective/kl", ""),
+        row = {"policy_loss": "", "value_loss": "", "kl_divergence": "",
                "reward_score": m["objective/scores"], "learning_rate": lr,
-               "batch_size": len(roll["prompts"]) * self.trainer.world_size, "entropy": m["objective/entropy"],
+               "batch_size": len(roll.prompts) * self.trainer.world_size, "entropy": m["objective/entropy"],
                "response_length": m["objective/response_length"], "episode": self.episodes,
                "gold_score": m.get("objective/gold_scores", "")}
-        row.update({k: (m[v] if isinstance(v, str) and v in m else v) for k, v in csv.items()})
+        row.update({col: m[name] for col, name in self.CSV_FROM_METRICS.items() if name in m})
         self.csv_row = row
         step = self.update_index
         if step % self.cfg.sample_every == 0:
-            self._log_samples(roll["prompts"], texts, scores, step)
+            self._log_samples(roll.prompts, texts, scores, step)
 
     def _log_samples(self, prompts, texts, scores, step):
         from pytorch_lightning.loggers import TensorBoardLogger
@@ -379,13 +478,18 @@ class OnlineRLModule(Stage):
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(self.frozen)}
         checkpoint["episodes"] = self.episodes
+        checkpoint["kl_ctl"] = self.kl_ctl.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
         self.episodes = checkpoint.get("episodes", 0)
+        self.kl_ctl.load_state_dict(checkpoint.get("kl_ctl", {"value": self.cfg.kl_coef_value}))
 
     def export(self, stage_dir: Path) -> Path:
-        """The policy in HF format under `stage_dir/model` (PPO adds its value model)."""
-        return export_hf(self.policy, self.tokenizer, stage_dir / "model")
+        """The policy in HF format under `stage_dir/model`, and a separate critic under `stage_dir/value_model`."""
+        out = export_hf(self.policy, self.tokenizer, stage_dir / "model")
+        if self.cfg.value_model == "separate":
+            export_hf(self.value_model, self.tokenizer, stage_dir / "value_model")
+        return out
 
     def ensure_reference(self) -> None:
         """The start policy, to evaluate against, when training kept none (GRPO with beta 0)."""
