@@ -27,6 +27,19 @@ def _resume_into_run_dir(argv: list[str]) -> None:
                      f"hydra.output_subdir=.hydra/resume-{time.strftime('%Y%m%d-%H%M%S')}"]
 
 
+def _remove_refused_run_dir(path: str) -> None:
+    """A refused config leaves no run directory: remove the one Hydra made when it holds only what Hydra
+    and the pipeline wrote before the refusal (.hydra/, train.log, config.yaml), never anything else."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    run = Path(path)
+    if run.is_dir() and {p.name for p in run.iterdir()} <= {".hydra", "train.log", "config.yaml"}:
+        logging.shutdown()  # release train.log before removing it
+        shutil.rmtree(run, ignore_errors=True)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from rlhf.data import DataError
@@ -42,6 +55,8 @@ def main(cfg: DictConfig) -> float | None:
             cfg = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
         summary = train(cfg)
     except (UserError, DataError) as e:
+        if not cfg.get("resume"):
+            _remove_refused_run_dir(cfg.paths.output_dir)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     # Hydra sweepers that optimise (Optuna) read the task's return value.

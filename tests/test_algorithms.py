@@ -1,9 +1,11 @@
 """Every algorithm learns the default synthetic task from the same SFT model and reward model, and
-the pipeline that `algo=` implies is the one the stages' declarations ask for.
+the pipeline that `algo=` implies is the one the stages' declarations ask for. The algorithms come
+from the registry (`rlhf.stages.stages()`): a new one is tested here without naming it.
 
 The learning check (as `test_end_to_end` for PPO): each algorithm's default config raises the gold
-reward on held-out prompts, wins >= 70% of them against the SFT policy by gold, and stays within
-6 nats of KL to it (PPO's adaptive-KL target), each under 5 minutes on 2 CPU cores.
+reward on held-out prompts, wins >= 70% of them against the SFT policy by gold, stays within 6 nats
+of KL to it (PPO's adaptive-KL target) and raises no health alarm. Wall time is recorded in the
+README's algorithms table, not asserted here.
 """
 from __future__ import annotations
 
@@ -19,10 +21,14 @@ from rlhf.errors import ConfigError
 from rlhf.training.pipeline import train
 from rlhf.training.plan import plan_stages
 from rlhf.stages import stages
+from rlhf.stages.online import OnlineRLModule
 
 from conftest import TINY_DATA, compose_train
 
 TARGET_KL = 6.0
+# Every algorithm: a registered stage that optimises a policy after SFT and the reward model.
+ALGORITHMS = [n for n, c in stages().items() if c.produces == "policy" and c.order >= 2]
+ONLINE = [n for n in ALGORITHMS if issubclass(stages()[n], OnlineRLModule)]
 
 
 @pytest.mark.parametrize("overrides,plan", [
@@ -47,14 +53,45 @@ def test_every_stage_declares_its_contract():
     assert {"sft", "rm", "ppo", "grpo", "rloo", "dpo"} <= set(stages())
 
 
-def test_root_lr_and_kl_coef_feed_the_algorithm(tmp_path):
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_root_lr_and_kl_coef_feed_the_algorithm(tmp_path, algo):
     from rlhf.training.plan import apply_root_settings
 
-    for algo, kl_field in (("ppo", "kl_coef"), ("grpo", "beta"), ("rloo", "kl_coef"), ("dpo", "beta")):
-        cfg = compose_train(tmp_path, f"algo={algo}", "lr=1e-4", "kl_coef=0.02")
-        apply_root_settings(cfg)
-        assert cfg[algo].lr == 1e-4 and cfg[algo][kl_field] == 0.02, algo
-        assert cfg.sft.lr != 1e-4  # SFT and RM keep their own
+    cfg = compose_train(tmp_path, f"algo={algo}", "lr=1e-4", "kl_coef=0.02")
+    apply_root_settings(cfg)
+    assert cfg[algo].lr == 1e-4, algo
+    kl_field = stages()[algo].kl_field
+    if kl_field is not None:
+        assert cfg[algo][kl_field] == 0.02, algo
+    assert cfg.sft.lr != 1e-4  # SFT and RM keep their own
+
+
+@pytest.mark.parametrize("data", ["synthetic", "hh_rlhf"])
+def test_debug_fast_shortens_every_stage_of_every_algorithm(tmp_path, data):
+    from rlhf.training.plan import apply_every_stage, stage_config
+
+    cfg = compose_train(tmp_path, "debug=fast", f"data={data}")
+    apply_every_stage(cfg)
+    for name, cls in stages().items():
+        _, conf = stage_config(cfg, name)  # still a valid config after shortening
+        assert conf.max_steps == 3, name
+        if hasattr(conf, "eval_prompts"):
+            assert conf.eval_prompts == 16, name
+    assert cfg.data.max_pairs == 256
+
+
+def test_refused_algorithm_lists_them_all_and_leaves_no_run_directory(tmp_path):
+    import subprocess
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "train.py", "algo=nonesuch", f"hydra.run.dir={run}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: algo=nonesuch: unknown algorithm") and all(a in line for a in ALGORITHMS), line
+    assert not run.exists()
 
 
 def test_num_generations_must_divide_the_batch(tmp_path):
@@ -86,8 +123,9 @@ def _tiny(algo, artifacts, run, *extra):
     return summary, box["module"], load_file(str(artifacts["sft"] / "model.safetensors"))
 
 
-@pytest.mark.parametrize("algo,extra", [("grpo", ()), ("grpo", ("grpo.beta=0", "grpo.loss_type=dr_grpo")),
-                                        ("rloo", ("rloo.kl_estimator=k3",))])
+@pytest.mark.parametrize("algo,extra", [("grpo", ()), ("grpo", ("grpo.beta=0", "grpo.loss_agg_mode=seq_mean_token_sum_norm")),
+                                        ("rloo", ("rloo.kl_estimator=k3",)), ("reinforce_pp", ()), ("gspo", ()),
+                                        ("cispo", ())])
 def test_online_stage_trains_the_policy_only(algo, extra, trained_artifacts, tmp_path):
     summary, module, sft = _tiny(algo, trained_artifacts, tmp_path / "run", *extra)
     moved = [k for k, v in module.policy.state_dict().items() if k in sft and not torch.equal(v, sft[k])]
@@ -102,7 +140,9 @@ def test_online_stage_trains_the_policy_only(algo, extra, trained_artifacts, tmp
     assert list(df.columns[:8]) == ["step", "policy_loss", "value_loss", "kl_divergence", "reward_score",
                                     "learning_rate", "batch_size", "timestamp"]
     assert df["step"].tolist() == [1, 2] and df["value_loss"].isna().all() and df["batch_size"].eq(8).all()
-    assert module.optimizer_steps_per_batch == 4 and summary["stages"][algo]["steps"] == 2
+    # Steps per update come from the settings: epochs x minibatches optimizer steps, two updates done.
+    assert module.optimizer_steps_per_batch == module.cfg.epochs * module.cfg.num_mini_batches
+    assert summary["stages"][algo]["steps"] == 2 and module.trainer.global_step == 2 * module.optimizer_steps_per_batch
 
 
 # ----------------------------------------------------------------------------- learning
@@ -117,21 +157,21 @@ def default_sft_rm(tmp_path_factory):
 
 def _run(algo, sft_rm, tmp_path, *extra):
     run = tmp_path / "run"
-    reward = [f"reward.model_path={sft_rm['rm']}"] if algo != "dpo" else []
+    reward = [f"reward.model_path={sft_rm['rm']}"] if "reward" in stages()[algo].needs else []
     summary = train(compose_train(run, f"algo={algo}", f"stage={algo}", f"{algo}.policy_path={sft_rm['sft']}",
                                   *reward, *extra))
     return run, summary
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["grpo", "rloo", "dpo"])
+@pytest.mark.parametrize("algo", [a for a in ALGORITHMS if a != "ppo"])  # PPO: test_end_to_end (the default run)
 def test_default_config_learns(algo, default_sft_rm, tmp_path):
     run, summary = _run(algo, default_sft_rm, tmp_path)
     assert summary["eval_prompts_in_train"] == 0
     assert summary["gold_reward_after"] > summary["gold_reward_before"], summary
     assert summary["gold_win_rate"] >= 0.70, summary
     assert 0.0 < summary["kl_final"] <= TARGET_KL, summary
-    assert summary["stages"][algo]["fit_seconds"] < 300
+    assert not summary.get("alarms"), summary["alarms"]
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["gold_win_rate"] == summary["gold_win_rate"]  # the learning figures reach summary.json
     assert (run / algo / "model" / "model.safetensors").is_file()

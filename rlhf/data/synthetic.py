@@ -179,6 +179,7 @@ class SyntheticPreferences:
     seed: int = 0
     val_fraction: float = 0.1
     tie_margin: float = TIE_MARGIN  # pairs whose gold scores differ by less are skipped
+    max_pairs: int | None = None  # caps the train pairs (val to max(1, round(max_pairs * val_fraction))), as HHRLHF's
 
     # Same call as on HHRLHF (where it is None): `source.gold(prompt, response)`.
     gold = staticmethod(gold_reward)
@@ -191,7 +192,13 @@ class SyntheticPreferences:
         n_val = int(round(self.n_pairs * self.val_fraction))
         if self.val_fraction > 0 and self.n_pairs >= 2:
             n_val = max(n_val, 1)
-        train = generate_pairs(self.n_pairs - n_val, self.seed, self.tie_margin, TEMPLATES)
+        n_train = self.n_pairs - n_val
+        if self.max_pairs is not None:
+            if self.max_pairs <= 0:
+                raise ValueError(f"max_pairs must be positive, got {self.max_pairs}")
+            n_train = min(n_train, self.max_pairs)  # a prefix of the same stream: the same first pairs
+            n_val = min(n_val, max(1, round(self.max_pairs * self.val_fraction)))
+        train = generate_pairs(n_train, self.seed, self.tie_margin, TEMPLATES)
         val = generate_pairs(n_val, f"{self.seed}:held-out", self.tie_margin, HELD_OUT_TEMPLATES)
         return PreferenceSplits(train=train, val=val, dropped=0)
 

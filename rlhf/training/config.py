@@ -14,7 +14,11 @@ from rlhf.stages import stages
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
-    for name, cls in stages().items():
+    known = stages()
+    for name, cls in known.items():
         cs.store(group="stages", name=f"{name}_schema", node=cls.Config)
+    # The root config's `all_stages` default: each registered stage's YAML loaded under its own name
+    # (`ppo.*`, `grpo.*`, ...), so a new stage is its module and its YAML, never an edit of train.yaml.
+    cs.store(name="all_stages", node={"defaults": [{f"stages@{name}": name} for name in known] + ["_self_"]})
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="reward", name="reward_schema", node=RewardConfig)

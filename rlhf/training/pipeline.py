@@ -33,14 +33,16 @@ from rlhf.deploy.model_card import write_model_card
 from rlhf.training.memory import keep_freed_memory, peak_rss_mb
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages import Inputs, get_stage
-from rlhf.training.plan import RewardPlan, apply_root_settings, build_stage, plan_stages, preflight
+from rlhf.training.plan import RewardPlan, apply_every_stage, apply_root_settings, build_stage, plan_stages, preflight
 
 log = logging.getLogger(__name__)
 
 
 class _DropTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡 Tip")
+        # Lightning's "`Trainer.fit` stopped: `max_steps=N` reached." counts optimizer steps, not the
+        # stage's updates; the stage summary prints the steps it took.
+        return not record.getMessage().startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps="))
 
 
 def quiet_console() -> None:
@@ -198,6 +200,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     resuming = bool(cfg.get("resume"))
     plan = plan_stages(cfg)
+    apply_every_stage(cfg)
     apply_root_settings(cfg)
     confs, reward = preflight(cfg, plan, run_dir, resuming)
     # The resolved config beside the outputs: evaluate/serve/generate read it, with or without Hydra.

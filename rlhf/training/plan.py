@@ -49,13 +49,38 @@ def apply_root_settings(cfg: DictConfig) -> None:
     policy against a KL (`kl_field`): one sweep `-m algo=ppo,grpo lr=... kl_coef=...` covers them all."""
     target = cfg.algo if cfg.stage == "all" else cfg.stage
     cls = get_stage(target)
-    if cls.kl_field is None or cfg.get(target) is None:
-        return
+    if cls.produces != "policy" or cls.order < 2 or cfg.get(target) is None:
+        return  # SFT and the reward model keep their own lr
     with open_dict(cfg):
         if cfg.get("lr") is not None:
             cfg[target].lr = cfg.lr
-        if cfg.get("kl_coef") is not None:
+        if cfg.get("kl_coef") is not None and cls.kl_field is not None:
             cfg[target][cls.kl_field] = cfg.kl_coef
+
+
+def apply_every_stage(cfg: DictConfig) -> None:
+    """`every_stage: {key: value}` (the `debug=fast` overlay) sets `key` on every registered stage whose
+    settings have it, so an added stage is shortened too. A batch size its settings cannot divide
+    (a group size, minibatches) is left as it was rather than refused."""
+    import dataclasses
+
+    every = cfg.get("every_stage")
+    if not every:
+        return
+    with open_dict(cfg):
+        for name, cls in stages().items():
+            node = cfg.get(name)
+            if node is None:
+                continue
+            fields = {f.name for f in dataclasses.fields(cls.Config)}
+            given = {k: v for k, v in OmegaConf.to_container(every, resolve=True).items() if k in fields}
+            current = OmegaConf.to_container(node, resolve=True)
+            try:
+                cls.Config(**{**current, **given})
+            except (ValueError, TypeError):
+                given.pop("batch_size", None)
+            for k, v in given.items():
+                node[k] = v
 
 
 def _reward_config(cfg: DictConfig):
