@@ -113,6 +113,7 @@ class OnlineUpdate:
             # Under DDP every rank keeps the same coefficient, following the global mean KL.
             mean_kl = self.mean_over_ranks(m["objective/kl"].detach().double())
             self.kl_ctl.update(mean_kl.item(), c.batch_size * self.trainer.world_size)
+        m["objective/kl_coef"] = self.kl_ctl.value  # after this update's adjustment (the next update's), as before
         m.update({"loss/policy_avg": avg["pg_loss"], "policy/clipfrac_avg": avg["clipfrac"],
                   "policy/approxkl_avg": avg["approxkl"], "policy/ratio": avg["ratio"],
                   "policy/entropy_avg": avg["entropy"], "policy/logprob_gap": avg["logprob_gap"],
