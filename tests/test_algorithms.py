@@ -203,3 +203,17 @@ def test_reward_function_from_outside_the_project_drives_grpo(default_sft_rm, tm
     assert outside_reward.CALLS and set(outside_reward.CALLS) == {32}
     df = pd.read_csv(run / "grpo" / "metrics.csv")
     assert df["reward_score"].tail(5).mean() > df["reward_score"].head(5).mean() + 0.2, df["reward_score"].tolist()
+
+
+def test_progress_bar_counts_updates_not_optimizer_steps():
+    """40 updates of 4 optimizer steps each: the bar shows 40, not min(epoch, 160)."""
+    from types import SimpleNamespace
+
+    from callbacks import UpdatesProgressBar
+
+    bar = UpdatesProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1, max_steps=160, global_step=0, num_training_batches=112,
+                                   lightning_module=SimpleNamespace(optimizer_steps_per_batch=4))
+    assert bar.total_train_batches == 40
+    bar._trainer.global_step = 100  # resumed after 25 updates
+    assert bar.total_train_batches == 15
