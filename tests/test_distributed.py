@@ -180,18 +180,20 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
 
 def test_nan_loss_stops_ppo_and_keeps_checkpoint_and_logs(trained_artifacts, tmp_path, monkeypatch):
-    import rlhf.algorithms.ppo as ppo_math
+    import dataclasses
+
+    from rlhf.algorithms import parts
     from rlhf.errors import UserError
 
-    orig = ppo_math.policy_loss
+    orig = parts.POLICY_LOSSES["clipped"]  # PPO's registered policy loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
-        loss, stats = orig(*args, **kwargs)
+        loss, stats = orig.fn(*args, **kwargs)
         return (loss * float("nan"), stats) if calls["n"] > 4 * 2 else (loss, stats)  # update 3
 
-    monkeypatch.setattr(ppo_math, "policy_loss", poisoned)
+    monkeypatch.setitem(parts.POLICY_LOSSES, "clipped", dataclasses.replace(orig, fn=poisoned))
     run = tmp_path / "run"
     cfg = compose_train(run, "stage=ppo", f"ppo.policy_path={trained_artifacts['sft']}",
                         f"reward.model_path={trained_artifacts['rm']}", *TINY_DATA, *TINY_PPO,

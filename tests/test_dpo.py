@@ -1,4 +1,5 @@
-"""DPO: the loss against its formulas, the datamodule's "pairs" batches, and a short fit of the stage."""
+"""DPO: the loss against its formulas, the datamodule's "pairs" batches, and a short fit of the stage.
+(Against TRL's DPOTrainer, and the other preference stages: tests/test_preference.py.)"""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ from rlhf.stages.dpo import DPOConfig, DPOModule
 # (pc - pr) - (rc - rr) are -3, 0.5 and 4: each loss's branches (hinge's kink, IPO's target) are hit.
 PC, PR = [-10.0, -8.0, -5.0], [-9.0, -9.0, -12.0]
 RC, RR = [-11.0, -7.5, -6.0], [-13.0, -9.0, -9.0]
+NC, NR = [1, 1, 1], [1, 1, 1]  # one-token responses: IPO's per-token log-ratios equal the summed ones here
 
 
 def _logsig(x: float) -> float:
@@ -40,7 +42,7 @@ def _reference(beta: float, loss_type: str, ls: float) -> list[float]:
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_dpo_loss_matches_formulas(loss_type, ls, beta):
     t = lambda xs: torch.tensor(xs, dtype=torch.float64)
-    losses, chosen, rejected = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, ls)
+    losses, chosen, rejected = dpo_loss(t(PC), t(PR), t(RC), t(RR), beta, loss_type, ls, t(NC), t(NR))
     assert losses.tolist() == pytest.approx(_reference(beta, loss_type, ls), rel=1e-12)
     assert chosen.tolist() == pytest.approx([beta * (a - b) for a, b in zip(PC, RC)])
     assert rejected.tolist() == pytest.approx([beta * (a - b) for a, b in zip(PR, RR)])
@@ -135,7 +137,12 @@ def test_dpo_stage_fit(tmp_path, monkeypatch):
     assert calls == [1] and module.ref_logps.shape == (len(splits.train), 2)
     batch = next(iter(dm.ordered_loader()))  # the table holds the reference's log-probs, by pair index
     cached = module.ref_logps[batch["index"]]
-    assert torch.allclose(torch.stack(module._reference_logps(batch), 1), cached, atol=1e-4)
+    assert torch.allclose(torch.stack(module.reference_logps(batch), 1), cached, atol=1e-4)
+    with torch.no_grad():  # TRL's units: summed over each response's tokens, from the plain forward
+        ids, labels = batch["chosen_input_ids"], batch["chosen_labels"][:, 1:]
+        logp = torch.log_softmax(module.ref_policy(ids, attention_mask=batch["chosen_attention_mask"]).logits[:, :-1], -1)
+        logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    assert torch.allclose((logp * (labels != -100)).sum(1), cached[:, 0], atol=1e-3)
     assert rows[0]["policy_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference at step 0
     changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, before[k])]
     assert changed
@@ -147,7 +154,7 @@ def test_dpo_stage_fit(tmp_path, monkeypatch):
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert not any(k.startswith("ref_policy.") for k in ckpt["state_dict"])
-    assert torch.equal(ckpt["dpo_ref_logps"], module.ref_logps)
+    assert torch.equal(ckpt["reference_logps"], module.ref_logps)
 
     result = module.finish(dm, tmp_path, module.tokenizer, None)
     from transformers import AutoModelForCausalLM

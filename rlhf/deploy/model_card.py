@@ -164,8 +164,12 @@ def _initialised_from(stage: str, stage_cfg: dict, reward: dict) -> str:
     if cls is None:
         return ""
     parts = []
-    if "policy" in cls.uses:
+    if "policy" in cls.uses and cls.produces == "reward":
         parts.append("the SFT policy's export (`sft/model`) when the run trained one, with a new scalar head")
+    elif "policy" in cls.uses:  # a policy trained from the base model (ORPO), judged against the SFT policy
+        init = stage_cfg.get("init_path")
+        parts.append(f"trained from {f'`{init}`' if init else 'the base model (the model config)'}; "
+                     "evaluation baseline: the SFT export (`sft/model`) when the run trained one")
     if "policy" in cls.needs:
         policy = stage_cfg.get("policy_path")
         parts.append(f"policy and KL reference: {f'`{policy}`' if policy else 'the SFT export (`sft/model`)'}")

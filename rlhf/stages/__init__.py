@@ -12,7 +12,7 @@ import pkgutil
 
 from rlhf.stages.base import REGISTRY, Inputs, Stage
 
-_SKIP = {"__main__", "base", "common", "guards", "online", "online_config", "preference"}  # helpers, not stages
+_SKIP = {"__main__", "base", "common", "guards", "online", "online_config", "online_update", "preference"}  # helpers, not stages
 
 
 def stages() -> dict[str, type[Stage]]:
