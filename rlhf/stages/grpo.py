@@ -36,8 +36,8 @@ class GRPOConfig(OnlineConfig):
         return self.num_iterations
 
     @property
-    def kl_coef_value(self) -> float:
-        return float(self.beta)
+    def kl_coef_name(self) -> str:
+        return "beta"
 
     @property
     def generations_per_prompt(self) -> int:

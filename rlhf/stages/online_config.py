@@ -73,7 +73,7 @@ class OnlineConfig(StageConfig):
         if self.cliprange_high is not None and self.cliprange_high < self.cliprange:
             raise ValueError(f"cliprange_high={self.cliprange_high} is below cliprange={self.cliprange}")
         if self.kl_coef_value < 0:
-            raise ValueError(f"the KL coefficient must be >= 0, got {self.kl_coef_value}")
+            raise ValueError(f"{self.kl_coef_name} must be >= 0, got {self.kl_coef_value}")
         check_composition(self, self.generations_per_prompt)
 
     # What each algorithm names in its own (the papers' and TRL's) words.
@@ -83,9 +83,13 @@ class OnlineConfig(StageConfig):
         raise TypeError(f"{type(self).__name__} must say how many passes an update makes (an `epochs` property)")
 
     @property
+    def kl_coef_name(self) -> str:
+        """The KL coefficient's field, as the algorithm's paper and TRL name it (kl_coef, beta)."""
+        return "kl_coef"
+
+    @property
     def kl_coef_value(self) -> float:
-        """The KL coefficient, whatever the algorithm calls it (kl_coef, beta)."""
-        return float(getattr(self, "kl_coef", 0.0))
+        return float(getattr(self, self.kl_coef_name, 0.0))
 
     @property
     def generations_per_prompt(self) -> int:
