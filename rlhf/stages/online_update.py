@@ -98,8 +98,8 @@ class OnlineUpdate:
                 self.checked_backward(pg_loss)
                 return new, st
             # The models share no weight, so two backward passes give the same gradients as one, and the
-            # policy's graph (activations, bf16 weight casts) is freed before the value model runs: GPT-2
-            # small peaks ~300 MB lower. DDP's gradient reducer wants one backward per step.
+            # policy's graph (activations, bf16 weight casts) is freed before the value model runs, lowering
+            # the peak. DDP's gradient reducer wants one backward per step.
             separate = c.value_model == "separate" and self.trainer.world_size == 1
             if separate:
                 self.checked_backward(pg_loss)
