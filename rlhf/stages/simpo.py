@@ -26,9 +26,9 @@ class SimPOConfig(PreferenceConfig):
     lr: float = 2e-4  # AdamW peak learning rate (the root `lr` overrides it)
     max_steps: int = 150  # optimizer steps (trainer.max_steps overrides)
     beta: float = 2.5  # reward scale: rewards are beta * mean per-token log-prob
-    gamma: float = 3.0  # target reward margin (TRL's simpo_gamma); 0.5-1.5 learned too little here (win rate 0.63-0.66)
+    gamma: float = 3.0  # target reward margin (TRL's simpo_gamma); smaller margins learned too little here (README)
     # Default 1 (CPO-SimPO): pure SimPO (0) lengthens the responses and drifts away from the SFT policy
-    # on the synthetic task (KL 16-37 nats, gold win rate 0.52-0.56 at lr 1e-4-2e-4).
+    # on the synthetic task (measured in the README's Algorithms section).
     cpo_alpha: float = 1.0  # weight of the chosen responses' NLL added to the loss (CPO-SimPO; TRL's cpo_alpha)
 
     def __post_init__(self):
