@@ -46,13 +46,17 @@ def main(cfg: DictConfig) -> float | None:
     from rlhf.errors import UserError
     from rlhf.training.pipeline import train
 
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlhf.training.plan import apply_every_stage
+
+    overrides = list(HydraConfig.get().overrides.task)
     try:
         if cfg.get("resume"):
-            from hydra.core.hydra_config import HydraConfig
-
             from rlhf.training.pipeline import resume_config
 
-            cfg = resume_config(cfg.resume, list(HydraConfig.get().overrides.task))
+            cfg = resume_config(cfg.resume, overrides)
+        apply_every_stage(cfg, overrides)  # debug=fast's every_stage, under what the command line set
         summary = train(cfg)
     except (UserError, DataError) as e:
         if not cfg.get("resume"):

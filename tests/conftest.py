@@ -42,8 +42,13 @@ RM_STEPS = 5
 
 def compose_train(output_dir, *overrides: str):
     """The root config with `overrides`, as `python train.py paths.output_dir=... OVERRIDES` sees it."""
+    from rlhf.training.plan import apply_every_stage
+
+    overrides = [f"paths.output_dir={output_dir}", *BASE_OVERRIDES, *overrides]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={output_dir}", *BASE_OVERRIDES, *overrides])
+        cfg = compose("train", overrides=overrides)
+    apply_every_stage(cfg, overrides)  # as train.py does: debug=fast's every_stage, under explicit settings
+    return cfg
 
 
 @pytest.fixture

@@ -78,6 +78,13 @@ def test_debug_fast_shortens_every_stage_of_every_algorithm(tmp_path, data):
         if hasattr(conf, "eval_prompts"):
             assert conf.eval_prompts == 16, name
     assert cfg.data.max_pairs == 256
+    assert cfg.every_stage is None  # applied once: the saved config (and a resume) holds the values
+
+
+def test_a_stage_setting_on_the_command_line_wins_over_debug_fast(tmp_path):
+    cfg = compose_train(tmp_path, "debug=fast", "ppo.max_steps=16", "++sft.batch_size=4")
+    assert cfg.ppo.max_steps == 16 and cfg.sft.batch_size == 4
+    assert cfg.grpo.max_steps == 3 and cfg.ppo.batch_size == 8 and cfg.sft.max_steps == 3
 
 
 def test_refused_algorithm_lists_them_all_and_leaves_no_run_directory(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,22 +59,26 @@ def apply_root_settings(cfg: DictConfig) -> None:
             cfg[target][cls.kl_field] = cfg.kl_coef
 
 
-def apply_every_stage(cfg: DictConfig) -> None:
+def apply_every_stage(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     """`every_stage: {key: value}` (the `debug=fast` overlay) sets `key` on every registered stage whose
-    settings have it, so an added stage is shortened too. A batch size its settings cannot divide
-    (a group size, minibatches) is left as it was rather than refused."""
+    settings have it, so an added stage is shortened too. A `STAGE.KEY=...` in `overrides` (the command
+    line) wins over it; a batch size its settings cannot divide (a group size, minibatches) is left as it
+    was rather than refused. Applied once: `every_stage` is cleared afterwards, so the saved config holds
+    the values each stage ran with and a resumed run keeps them."""
     import dataclasses
 
     every = cfg.get("every_stage")
     if not every:
         return
+    given_by_user = {item.lstrip("+~").partition("=")[0] for item in overrides}
     with open_dict(cfg):
         for name, cls in stages().items():
             node = cfg.get(name)
             if node is None:
                 continue
             fields = {f.name for f in dataclasses.fields(cls.Config)}
-            given = {k: v for k, v in OmegaConf.to_container(every, resolve=True).items() if k in fields}
+            given = {k: v for k, v in OmegaConf.to_container(every, resolve=True).items()
+                     if k in fields and f"{name}.{k}" not in given_by_user}
             current = OmegaConf.to_container(node, resolve=True)
             try:
                 cls.Config(**{**current, **given})
@@ -81,6 +86,7 @@ def apply_every_stage(cfg: DictConfig) -> None:
                 given.pop("batch_size", None)
             for k, v in given.items():
                 node[k] = v
+        cfg.every_stage = None
 
 
 def _reward_config(cfg: DictConfig):
