@@ -286,3 +286,115 @@ def test_two_steps(algo, metrics, trained_artifacts, tmp_path):
     result = summary["stages"][algo]
     assert result["steps"] == 2 and result["eval_prompts"] == 8 and 0 <= result["gold_win_rate"] <= 1
     assert (module.ref_logps is not None) == (algo == "kto")  # only KTO caches reference log-probs
+
+
+# ----------------------------------------------------------------------------- KTO from an unpaired file
+def _write_rows(path, rows):
+    import json
+
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+P = "\n\nHuman: hi\n\nAssistant:"
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"prompt": P, "completion": " ok"}, r"kto\.jsonl:2: missing key 'label'"),
+    ({"prompt": P, "completion": " ok", "label": "true"}, r"kto\.jsonl:2: 'label' must be a JSON boolean, got str"),
+    ({"prompt": "hi", "completion": " ok", "label": True}, r"kto\.jsonl:2: 'prompt' must end with"),
+    ({"prompt": P, "completion": "  ", "label": False}, r"kto\.jsonl:2: 'completion' is empty"),
+    ('{"prompt": ', r"kto\.jsonl:2: line is not valid JSON"),
+])
+def test_unpaired_file_errors_name_file_and_line(tmp_path, row, match):
+    from rlhf.data import DataError
+    from rlhf.data.unpaired import read_unpaired_file
+
+    path = _write_rows(tmp_path / "kto.jsonl", [{"prompt": P, "completion": " fine", "label": True}, row])
+    with pytest.raises(DataError, match=match) as e:
+        read_unpaired_file(path)
+    assert "\n" not in str(e.value)
+
+
+def test_unpaired_file_needs_both_labels_and_a_batch_that_can_hold_both(tmp_path):
+    from rlhf.data import DataError
+    from rlhf.data.unpaired import read_unpaired_file
+
+    good = {"prompt": P, "completion": " fine", "label": True}
+    with pytest.raises(DataError, match=r"kto\.jsonl: no undesirable example"):
+        read_unpaired_file(_write_rows(tmp_path / "kto.jsonl", [good] * 3))
+    path = _write_rows(tmp_path / "skewed.jsonl", [good] * 30 + [{**good, "label": False}] * 2)
+    with pytest.raises(ConfigError, match=r"^kto\.unpaired_path=.*30 desirable and 2 undesirable.*batch_size >= 16"):
+        train(compose_train(tmp_path / "run", "algo=kto", f"kto.unpaired_path={path}", "kto.batch_size=8"))
+    assert not (tmp_path / "run" / "sft").exists()  # refused before any stage ran
+
+
+def test_export_unpaired_writes_trl_rows_with_the_asked_imbalance(tmp_path):
+    from rlhf.data.export_synthetic import main
+    from rlhf.data.unpaired import read_unpaired_file
+
+    out = tmp_path / "kto.jsonl"
+    assert main([str(out), "--unpaired", "--pairs", "40", "--undesirable-fraction", "0.25"]) == 0
+    rows = read_unpaired_file(out)
+    assert sum(r.label for r in rows) == 40 and sum(not r.label for r in rows) == 10
+    assert main([str(out), "--unpaired"]) == 1  # never overwritten
+
+
+def test_stratified_sampler_puts_both_classes_in_every_batch_on_every_rank():
+    from rlhf.data.sampler import ResumableShuffleSampler
+
+    labels = [True] * 75 + [False] * 25
+    shares = []
+    for rank in range(2):
+        order = list(ResumableShuffleSampler(100, seed=3, num_replicas=2, rank=rank, labels=labels))
+        shares += order
+        for b in range(0, len(order) - 3, 4):  # batches of 4 hold one undesirable each
+            assert sorted(labels[i] for i in order[b:b + 4]) == [False, True, True, True]
+    assert sorted(shares) == list(range(100))  # a permutation, split between the ranks
+
+
+def test_kto_from_an_unpaired_file(trained_artifacts, tmp_path):
+    from rlhf.data.synthetic import write_unpaired_file
+
+    data = tmp_path / "kto.jsonl"
+    n = write_unpaired_file(data, 60, seed=1, undesirable_fraction=0.5)
+    cls, box = stages()["kto"], {}
+    finish = cls.finish
+
+    def keep_module(self, *a, **k):
+        box["module"] = self
+        return finish(self, *a, **k)
+
+    run = tmp_path / "run"
+    cfg = compose_train(run, "algo=kto", "stage=kto", f"kto.policy_path={trained_artifacts['sft']}", *TINY_DATA,
+                        f"kto.unpaired_path={data}", "kto.batch_size=6", "kto.max_steps=2", "kto.eval_prompts=8",
+                        "kto.response_length=8", "kto.max_prompt_length=48", "kto.max_response_length=16",
+                        "kto.val_batches=1")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "finish", keep_module)
+        summary = train(cfg)
+    module = box["module"]
+    assert module.ref_logps.shape == (n, 1)  # one reference log-prob per example of the file
+    df = pd.read_csv(run / "kto" / "metrics.csv")
+    # Every batch met both classes (2 desirable : 1 undesirable), so every margin is a number.
+    assert df["step"].tolist() == [1, 2] and df["reward_score"].notna().all() and "reward_accuracy" not in df
+    assert summary["stages"]["kto"]["steps"] == 2
+
+    # The unpaired objective of a batch laid out as a pair batch's chosen then rejected rows is the
+    # pair objective itself: the same loss, the same KL point, the same rewards.
+    from rlhf.data import PreferenceDataModule, SyntheticPreferences
+
+    splits = SyntheticPreferences(n_pairs=20).load()
+    pairs = next(iter(PreferenceDataModule(splits, module.tokenizer, "pairs", 3, 48, 16).ordered_loader()))
+    rows = next(iter(PreferenceDataModule(splits, module.tokenizer, "unpaired", 6, 48, 16).ordered_loader()))
+    order = torch.tensor([0, 2, 4, 1, 3, 5])  # unpair() gives chosen, rejected per pair: regroup
+    rows = {k: v[order] for k, v in rows.items()}
+    width = pairs["chosen_input_ids"].shape[1]
+    rows = {k: (v[:, :width] if v.dim() == 2 else v) for k, v in rows.items()}
+    module.eval()
+    with torch.no_grad():
+        lp, mp_ = module._step(pairs, module.reference_logps(pairs))
+        lu, mu = module._step(rows, module.reference_logps(rows))
+    assert torch.allclose(lp, lu, atol=1e-5)
+    for k in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert torch.allclose(mp_[k], mu[k], atol=1e-5), k

@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from rlhf.data.pairs import PreferencePair, PreferenceSplits
+from rlhf.data.pairs import PreferencePair, PreferenceSplits, UnpairedExample, unpair
 from rlhf.data.sampler import ResumableShuffleSampler
 
-MODES = ("sft", "rm", "prompts", "pairs")
+MODES = ("sft", "rm", "prompts", "pairs", "unpaired")
 IGNORE_INDEX = -100  # torch cross-entropy's ignore_index
 
 
@@ -81,6 +81,13 @@ class _Collate:
                 out.update({f"{side}_input_ids": _pad(ids, self.pad_id, n), f"{side}_attention_mask": _mask(ids, n),
                             f"{side}_labels": _pad([x[f"{side}_labels"] for x in items], IGNORE_INDEX, n)})
             return out
+        if self.mode == "unpaired":
+            ids = [x["input_ids"] for x in items]
+            n = max(map(len, ids))
+            return {"index": torch.tensor([x["index"] for x in items], dtype=torch.long),
+                    "input_ids": _pad(ids, self.pad_id, n), "attention_mask": _mask(ids, n),
+                    "labels": _pad([x["labels"] for x in items], IGNORE_INDEX, n),
+                    "label": torch.tensor([x["label"] for x in items], dtype=torch.bool)}
         # Left padding: generation appends to the right, so every prompt must end at the last column.
         ids = [x["input_ids"] for x in items]
         n = max(map(len, ids))
@@ -95,7 +102,10 @@ class PreferenceDataModule(pl.LightningDataModule):
     """Batches for one stage: mode "sft" (prompt + chosen + eos, loss on the response only),
     "rm" (chosen/rejected sequences, no eos), "prompts" (left-padded prompts for PPO) or "pairs"
     (DPO: chosen and rejected each as in sft mode, with labels, right-padded to one common width,
-    plus "index", the pair's position in its split, for per-pair caches such as reference log-probs).
+    plus "index", the pair's position in its split, for per-pair caches such as reference log-probs)
+    or "unpaired" (KTO: one response per row as in sft mode, with "label" True for desirable and
+    "index"; trains on `splits.unpaired` when given, else on the train pairs unpaired; validates on
+    the validation pairs unpaired).
 
     Prompts keep their LAST `max_prompt_length` tokens (the final question matters most);
     responses keep their FIRST `max_response_length` tokens. In sft mode eos counts toward
@@ -142,6 +152,11 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:  # Lightning calls setup per stage; tokenise only once
+            if self.mode == "unpaired":
+                train = self.splits.unpaired if self.splits.unpaired is not None else unpair(self.splits.train)
+                self.train_dataset = _ListDataset(self._encode_unpaired(train))
+                self.val_dataset = _ListDataset(self._encode_unpaired(unpair(self.splits.val)))
+                return
             self.train_dataset = _ListDataset(self._encode(self.splits.train))
             self.val_dataset = _ListDataset(self._encode(self.splits.val))
 
@@ -180,6 +195,15 @@ class PreferenceDataModule(pl.LightningDataModule):
             for p, c, r in zip(prompts, chosen, rejected)
         ]
 
+    def _encode_unpaired(self, examples: list[UnpairedExample]) -> list[dict]:
+        prompts = [p[-self.max_prompt_length:] for p in self._tok([x.prompt for x in examples])]
+        items = []
+        for i, (p, resp, ex) in enumerate(zip(prompts, self._tok([x.completion for x in examples]), examples)):
+            resp = (resp + [self.eos_id])[:self.max_response_length]  # eos as in sft and pairs modes
+            items.append({"index": i, "input_ids": p + resp, "labels": [IGNORE_INDEX] * len(p) + resp,
+                          "label": ex.label})
+        return items
+
     def _loader(self, dataset: _ListDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             self.setup()
@@ -188,7 +212,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         if shuffle:
             trainer = self.trainer
             world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = ResumableShuffleSampler(len(dataset), self.seed, world, rank)
+            labels = [x["label"] for x in dataset.items] if self.mode == "unpaired" else None
+            sampler = ResumableShuffleSampler(len(dataset), self.seed, world, rank, labels)
             if self._resume_position is not None:
                 epoch, batches = self._resume_position
                 sampler.resume_at(epoch, batches * self.batch_size)
@@ -197,8 +222,9 @@ class PreferenceDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            # PPO splits each rollout batch into equal minibatches: a short last batch would not divide.
-            drop_last=shuffle and self.mode == "prompts",
+            # PPO splits each rollout batch into equal minibatches: a short last batch would not divide;
+            # KTO's could lack one of its two classes.
+            drop_last=shuffle and self.mode in ("prompts", "unpaired"),
             collate_fn=_Collate(self.mode, self.eos_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,12 @@ def read_hh_file(path: str | os.PathLike) -> list[dict]:
 
     Raises DataError with one line naming the file (and line number for JSON lines).
     """
+    return read_json_rows(path, _check_row)
+
+
+def read_json_rows(path: str | os.PathLike, check: Callable[[Any, str], Any]) -> list:
+    """The rows of a local .jsonl (or .json list) file, each passed through `check(row, where)`, which
+    returns it (or what it makes of it) or raises DataError naming `where` (file and line)."""
     path = os.fspath(path)
     if not path.endswith((".json", ".jsonl")):
         raise DataError(f"{path}: unsupported file type (expected .json or .jsonl)")
@@ -83,7 +90,7 @@ def read_hh_file(path: str | os.PathLike) -> list[dict]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        return [_check_row(row, f"{path}: item {i}") for i, row in enumerate(rows)]
+        return [check(row, f"{path}: item {i}") for i, row in enumerate(rows)]
 
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -93,7 +100,7 @@ def read_hh_file(path: str | os.PathLike) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: line is not valid JSON ({e.msg})") from None
-        rows.append(_check_row(row, f"{path}:{lineno}"))
+        rows.append(check(row, f"{path}:{lineno}"))
     return rows
 
 

@@ -26,13 +26,32 @@ class PreferencePair:
     rejected: str
 
 
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One response judged on its own (KTO's data): `label` True for desirable, False for undesirable.
+    `prompt` ends with "\\n\\nAssistant:" as a pair's does."""
+
+    prompt: str
+    completion: str
+    label: bool
+
+
+def unpair(pairs: list[PreferencePair]) -> list[UnpairedExample]:
+    """Each pair as two examples, its chosen response desirable and its rejected one undesirable, in
+    pair order (TRL's `unpair_preference_dataset`)."""
+    return [ex for p in pairs for ex in (UnpairedExample(p.prompt, p.chosen, True),
+                                          UnpairedExample(p.prompt, p.rejected, False))]
+
+
 @dataclass
 class PreferenceSplits:
-    """Train/val pairs plus how many raw records were dropped as unparseable."""
+    """Train/val pairs plus how many raw records were dropped as unparseable. `unpaired`: training
+    examples judged one at a time (a KTO data file), used in place of `unpair(train)` when given."""
 
     train: list[PreferencePair] = field(default_factory=list)
     val: list[PreferencePair] = field(default_factory=list)
     dropped: int = 0
+    unpaired: list[UnpairedExample] | None = None
 
 
 def split_train_val(

@@ -17,12 +17,20 @@ class ResumableShuffleSampler(Sampler[int]):
     The permutation depends on (seed, epoch) only, so every rank computes the same one and takes
     every `num_replicas`-th index; the tail that does not divide evenly is dropped so ranks run
     the same number of batches (as `DistributedSampler(drop_last=True)` does).
+
+    With `labels` (one class per index), each class is permuted on its own and the classes are
+    interleaved evenly (item k of a class of size m at position (k + 1/2) / m), so every stretch of
+    the order holds the classes in the data's proportions: KTO's desirable and undesirable
+    examples then meet in every batch once the minority is at least one per batch.
     """
 
-    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, n: int, seed: int, num_replicas: int = 1, rank: int = 0, labels: list | None = None):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside 0..{num_replicas - 1}")
+        if labels is not None and len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} indices")
         self.n, self.seed, self.num_replicas, self.rank = n, seed, num_replicas, rank
+        self.labels = labels
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, samples already consumed in it)
 
@@ -38,10 +46,23 @@ class ResumableShuffleSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: len(self) * self.num_replicas]
-        share = perm[self.rank :: self.num_replicas].tolist()
+        perm = torch.randperm(self.n, generator=g) if self.labels is None else self._stratified(g)
+        perm = perm[: len(self) * self.num_replicas]
+        if self.labels is None:
+            share = perm[self.rank :: self.num_replicas].tolist()
+        else:  # contiguous blocks keep each rank's share interleaved (a stride could fall on one class)
+            share = perm[self.rank * len(self) : (self.rank + 1) * len(self)].tolist()
         start = 0
         if self._resume is not None and self._resume[0] == self.epoch:
             start = self._resume[1]
             self._resume = None
         return iter(share[start:])
+
+    def _stratified(self, g: torch.Generator) -> torch.Tensor:
+        labels = torch.tensor([hash(x) for x in self.labels])
+        order, position = [], []
+        for c in labels.unique():
+            idx = (labels == c).nonzero()[:, 0]
+            order.append(idx[torch.randperm(len(idx), generator=g)])
+            position.append((torch.arange(len(idx), dtype=torch.float64) + 0.5) / len(idx))
+        return torch.cat(order)[torch.cat(position).argsort(stable=True)]

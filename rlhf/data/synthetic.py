@@ -223,3 +223,26 @@ def write_hh_file(path, n_pairs: int, seed: int = 0) -> int:
                            for p in pairs))
     return len(pairs)
 
+
+def write_unpaired_file(path, n_pairs: int, seed: int = 0, undesirable_fraction: float = 1.0) -> int:
+    """Writes `n_pairs` synthetic pairs unpaired, in TRL's KTO format ({"prompt", "completion", "label"}
+    lines): every chosen response as desirable and the first `undesirable_fraction` of the rejected ones
+    as undesirable (KTO's imbalanced case). An existing file is never overwritten; returns the rows."""
+    import json
+    from pathlib import Path
+
+    from rlhf.errors import UserError
+
+    out = Path(path)
+    if out.exists():
+        raise UserError(f"{out} already exists; refusing to overwrite it")
+    if out.suffix != ".jsonl" or n_pairs <= 0 or not 0 < undesirable_fraction <= 1:
+        raise UserError(f"expected a .jsonl path, --pairs > 0 and --undesirable-fraction in (0, 1], got {out}, "
+                        f"{n_pairs} and {undesirable_fraction}")
+    pairs = generate_pairs(n_pairs, seed)
+    keep = max(1, round(len(pairs) * undesirable_fraction))
+    rows = [{"prompt": p.prompt, "completion": p.chosen, "label": True} for p in pairs]
+    rows += [{"prompt": p.prompt, "completion": p.rejected, "label": False} for p in pairs[:keep]]
+    random.Random(seed).shuffle(rows)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)

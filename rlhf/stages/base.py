@@ -35,7 +35,7 @@ class Stage(pl.LightningModule):
     title: ClassVar[str] = ""  # model card title of its export, e.g. "PPO policy"
     description: ClassVar[str] = ""  # model card paragraph: what the stage did
     paper: ClassVar[str] = ""  # what it follows, for the model card
-    data_mode: ClassVar[str] = "prompts"  # how the datamodule batches: sft | rm | prompts | pairs
+    data_mode: ClassVar[str] = "prompts"  # how the datamodule batches: sft | rm | prompts | pairs | unpaired
     needs: ClassVar[tuple[str, ...]] = ()  # inputs earlier stages (or paths) must provide: policy, reward
     uses: ClassVar[tuple[str, ...]] = ()  # inputs taken when an earlier stage produced them (rm: the SFT policy)
     produces: ClassVar[str | None] = None  # "policy" | "reward" | None: what later stages may use
@@ -56,6 +56,12 @@ class Stage(pl.LightningModule):
     @classmethod
     def preflight(cls, conf, plan: list[str], cfg) -> None:
         """Checks that need no model (paths, combinations); raise ConfigError with one line."""
+
+    @classmethod
+    def training_data(cls, conf, splits):
+        """The datamodule mode and the splits this stage trains on under `conf`: `data_mode` and the
+        run's splits, unless its settings bring data of their own (KTO's `unpaired_path`)."""
+        return cls.data_mode, splits
 
     def finish(self, dm, stage_dir, tokenizer, source) -> dict:
         """After training, on rank 0: export, evaluate; returns this stage's results (summary.json)."""

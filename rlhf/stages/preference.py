@@ -109,7 +109,8 @@ class PreferenceModule(Stage):
         self.stop_id = self.tokenizer.eos_token_id if cfg.stop_token == "eos" else None
         self.gold = inputs.gold
         self.score = None  # no reward model: the evaluation reports gold and KL only
-        # [n_train, 2] reference (chosen, rejected) summed log-probs by pair index; filled once in on_fit_start.
+        # [n_train, 2] reference (chosen, rejected) summed log-probs by pair index ([n_train, 1] for unpaired
+        # examples); filled once in on_fit_start.
         self.ref_logps: torch.Tensor | None = None
 
     def start_policy(self, inputs: Inputs) -> str | None:
@@ -136,14 +137,15 @@ class PreferenceModule(Stage):
         return out["chosen"], out["rejected"]
 
     def compute_reference_cache(self) -> torch.Tensor:
-        """Reference log-probs of every training pair, [n_train, 2], in one pass without gradients.
+        """Reference log-probs of every training pair, [n_train, 2] (chosen, rejected; an unpaired
+        example's alone: [n_train, 1]), in one pass without gradients.
 
         Each rank computes every world-th pair and a sum over ranks assembles the table, so under
         DDP the pass costs 1/world of the whole. It runs in the precision of training: under
         bf16-mixed the policy's log-probs at step 0 then equal the cached ones.
         """
         dm, trainer = self.trainer.datamodule, self.trainer
-        table = torch.zeros(len(dm.train_dataset), 2, device=self.device)
+        table = torch.zeros(len(dm.train_dataset), 1 if dm.mode == "unpaired" else 2, device=self.device)
         was_training = self.policy.training
         self.policy.eval()
         with trainer.precision_plugin.forward_context():
@@ -182,8 +184,7 @@ class PreferenceModule(Stage):
     def training_step(self, batch, batch_idx):
         ref = None
         if self.uses_reference:
-            table = self.ref_logps[batch["index"]]
-            ref = (table[:, 0], table[:, 1])
+            ref = tuple(self.ref_logps[batch["index"]].unbind(1))
         loss, m = self._step(batch, ref)
         check_finite(self, self.name.upper(), loss=loss.detach())
         lr = self.lr_schedulers().get_last_lr()[0]

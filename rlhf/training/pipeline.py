@@ -88,7 +88,8 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     with open_dict(scfg):
         scfg.stage_dir = str(stage_dir)
     pl.seed_everything(cfg.seed, workers=True)
-    dm = PreferenceDataModule(splits, tokenizer, cls.data_mode, getattr(conf, "loader_batch_size", conf.batch_size),
+    mode, splits = cls.training_data(conf, splits)
+    dm = PreferenceDataModule(splits, tokenizer, mode, getattr(conf, "loader_batch_size", conf.batch_size),
                               conf.max_prompt_length, conf.max_response_length, seed=cfg.seed)
     inputs = Inputs(policy=getattr(conf, "policy_path", None) or artifacts.get("policy"),
                     pad_token_id=tokenizer.pad_token_id, gold=gold)
