@@ -268,3 +268,45 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ") and re.search(r"\blr\b", lines[0]), lines[0]
     assert not (run / "sft").exists()
+
+
+def test_hub_model_without_hub_fails_at_once_with_one_line(tmp_path):
+    """The design's first command with no hub: the hub is probed once and names are read from the cache
+    alone, so the error comes before any download retry loop, and the run directory is removed."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}  # nothing listens
+    out = subprocess.run([sys.executable, "train.py", "model=gpt2", "lr=3e-5", f"hydra.run.dir={run}"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: could not load tokenizer from 'gpt2'") and "Without hub access" in line, line
+    assert "Retrying" not in out.stderr + out.stdout
+    assert not run.exists()
+
+
+def test_hub_probe_reads_names_from_the_cache_when_the_hub_is_silent(monkeypatch):
+    from huggingface_hub import constants
+
+    from rlhf.models import causal_lm
+
+    seen = {}
+
+    class Fake:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            seen.update(kwargs)
+            return "model"
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    causal_lm.hub_reachable.cache_clear()
+    try:
+        assert causal_lm.from_pretrained(Fake, "some/name", "causal LM") == "model"
+        assert seen == {"local_files_only": True}
+    finally:
+        causal_lm.hub_reachable.cache_clear()

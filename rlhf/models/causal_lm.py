@@ -7,6 +7,8 @@ those would show up as spurious KL and ratio != 1 (N+ implementation details, se
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +89,31 @@ def prepare(model: nn.Module, gradient_checkpointing: bool = False) -> nn.Module
     return fast_gelu(disable_dropout(model))
 
 
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint answers within `timeout` seconds (once per process; honours HF_ENDPOINT
+    and the proxy variables). Without it transformers retries each file for tens of seconds."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def from_pretrained(cls, path: str, what: str, **kwargs):
-    """`cls.from_pretrained` with a one-line error instead of a hub traceback when offline."""
+    """`cls.from_pretrained` with a one-line error instead of a hub traceback when offline. A hub name
+    is read from the local cache alone when the hub does not answer, so that fails in seconds."""
+    if not os.path.isdir(os.path.expanduser(path)) and not hub_reachable():
+        kwargs["local_files_only"] = True
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
