@@ -19,8 +19,11 @@ entropy_collapse       entropy per token (sum(entropy) / sum(response_length) ov
 length_drift           mean length over w / its first value > 1 + length_rise or < 1 - length_fall
 length_hacking         Pearson r(reward_score, response_length) over w >= hacking_corr while that
                        length ratio >= 1 + hacking_rise
-clipfrac_high          median clipfrac over w >= clipfrac_max
-approxkl_high          median approxkl over w >= approxkl_max
+clipfrac_high          median clipfrac over w >= clipfrac_max (per token); clipfrac_seq (a loss whose
+                       action is the whole response, RLOO's): >= clipfrac_seq_max
+approxkl_high          median approxkl over w >= approxkl_max (per token); approxkl_seq: its median
+                       over w / the mean response_length over w (per token, as the two agree in
+                       expectation for independent tokens) >= approxkl_max
 value_loss_divergence  mean value loss over w > value_loss_factor
                        * max(lowest such mean so far, value_loss_floor * its first value)
 non_finite             NaN or inf in a numeric column other than step; a NaN counts once the column
@@ -75,6 +78,10 @@ class Thresholds:
     hacking_rise: float = 0.2
     # PPO-clip at eps 0.2 usually clips 0.05-0.2 of tokens; a window mostly above 0.3 overshoots
     clipfrac_max: float = 0.3
+    # a response's ratio is a product over its tokens, so far more responses than tokens leave the
+    # clip range (RLOO's healthy runs clip 0.3-0.5 of them); beyond 0.8 under a fifth of the batch
+    # still gives the update a gradient
+    clipfrac_seq_max: float = 0.8
     # approx KL per update (0.5 mean(logratio^2)); PPO early-stop targets are 0.01-0.05
     approxkl_max: float = 0.05
     # value loss back above ten times its best window mean: the critic is diverging ...
@@ -195,11 +202,22 @@ def _length_hacking(c, t):
 
 
 def _high(col, limit, what):
+    """Median of `col` over w against its limit; the `<col>_seq` column (per response) with the
+    sequence limits: clipfrac_seq_max, approxkl per token (divided by the mean response length)."""
     def det(c, t):
-        v = _roll(c[col], t.window).median().to_numpy()
-        lim = getattr(t, limit)
+        seq = f"{col}_seq" in c
+        v = _roll(c[f"{col}_seq" if seq else col], t.window).median().to_numpy()
+        level = "per token"
+        if seq and col == "approxkl":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = v / _roll(c["response_length"], t.window).mean().to_numpy()
+            level = "per response / mean length"
+        elif seq:
+            limit_ = f"{limit[:-4]}_seq_max"
+            level = "per response"
+        lim = getattr(t, limit_ if seq and col != "approxkl" else limit)
         return v, np.full_like(v, lim), v >= lim, lambda v, th, s: (
-            f"median {col} over {t.window} steps is {v:.3g} at step {s} (>= {th:g}): {what}")
+            f"median {col} ({level}) over {t.window} steps is {v:.3g} at step {s} (>= {th:g}): {what}")
     return det
 
 
@@ -219,8 +237,10 @@ DETECTORS = (  # name, required columns, detector
     ("entropy_collapse", ("entropy",), _entropy_collapse),
     ("length_drift", ("response_length",), _length_drift),
     ("length_hacking", ("reward_score", "response_length"), _length_hacking),
-    ("clipfrac_high", ("clipfrac",), _high("clipfrac", "clipfrac_max", "updates keep leaving the clip range")),
-    ("approxkl_high", ("approxkl",), _high("approxkl", "approxkl_max", "each update moves the policy too far")),
+    ("clipfrac_high", (("clipfrac", "clipfrac_seq"),),
+     _high("clipfrac", "clipfrac_max", "updates keep leaving the clip range")),
+    ("approxkl_high", (("approxkl", ("approxkl_seq", "response_length")),),
+     _high("approxkl", "approxkl_max", "each update moves the policy too far")),
     ("value_loss_divergence", ("value_loss",), _value_loss),
 )
 NAMES = tuple(name for name, _, _ in DETECTORS) + ("non_finite",)
@@ -262,17 +282,32 @@ def detect(df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list
     t = thresholds or Thresholds()
     steps = df["step"].to_numpy()
     alarms, skipped, cols = [], [], {}
+    def missing(columns: tuple[str, ...]) -> str | None:
+        """Why `columns` cannot be used (absent or without a number), or None."""
+        for c in columns:
+            if c not in df.columns:
+                return f"no {c} column"
+            if not np.isfinite(cols.setdefault(c, _num(df, c))).any():
+                return f"{c} column is empty"
+        return None
+
     for name, needs, det in DETECTORS:
-        why = next((f"no {c} column" for c in needs if c not in df.columns), None)
-        for c in needs if why is None else ():
-            cols.setdefault(c, _num(df, c))
-            if not np.isfinite(cols[c]).any():
-                why = f"{c} column is empty"
+        use, why = [], None
+        for need in needs:  # a column, or alternatives (a column or columns each): the first usable one
+            options = [need] if isinstance(need, str) else list(need)
+            options = [(o,) if isinstance(o, str) else tuple(o) for o in options]
+            reasons = [missing(o) for o in options]
+            ok = next((o for o, r in zip(options, reasons) if r is None), None)
+            if ok is None:
+                singles = all(len(o) == 1 and r.startswith("no ") for o, r in zip(options, reasons))
+                why = (f"no {' or '.join(o[0] for o in options)} column" if singles and len(options) > 1
+                       else "; ".join(reasons))
                 break
+            use += ok
         if why:
             skipped.append(f"{name} skipped: {why}")
             continue
-        data = {c: cols[c] for c in needs}
+        data = {c: cols[c] for c in use}
         for c in OPTIONAL.get(name, ()):
             if c in df.columns:
                 x = cols.setdefault(c, _num(df, c))

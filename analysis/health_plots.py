@@ -40,6 +40,8 @@ def health(df: pd.DataFrame, path: str | Path, window: int = 50, lang: str = "en
             ax.set_xlabel(lab["step"])
             missing = []
             for col, color in zip(cols, colors):
+                if col not in df.columns and f"{col}_seq" in df.columns:  # per response (RLOO's loss)
+                    col = f"{col}_seq"
                 y = pd.to_numeric(df[col], errors="coerce") if col in df.columns else None
                 if y is None or not np.isfinite(y.to_numpy(dtype=float)).any():
                     missing.append(col)

@@ -12,9 +12,15 @@ where ``dR/dd = alpha - beta ln d - beta = 0``::
     d* = exp(alpha / beta - 1),   KL* = d*^2,   R(d*) = beta d*
 
 Past ``d*`` optimising the proxy (the reward model) further loses true reward. A run is judged
-``past_peak`` when its last evaluation is beyond ``d*`` or when its gold gain has fallen from the
-best seen by more than ``noise_k`` times the fit's residual SD (both sides as trailing means over
-3 evaluations, so one lucky point does not count as the peak).
+``past_peak`` when its last evaluation is beyond the upper end of the 95% interval of ``d*`` or
+when its gold gain has fallen from the best seen by more than ``noise_k`` times the fit's residual
+SD (both sides as trailing means over 3 evaluations, so one lucky point does not count as the peak).
+
+The fit needs ``MIN_FIT_POINTS`` evaluations with ``KL > 0`` (besides the baseline): a two-parameter
+curve through two or three points is exact whatever the data, so with fewer the fit, the peak and
+``past_peak`` are None with the reason in ``skipped``, never a guess. Its uncertainty: standard
+errors of ``alpha`` and ``beta`` from the least-squares covariance, and a 95% interval of ``KL*``
+from that of ``ln d* = alpha / beta - 1`` (delta method, Student t with n - 2 degrees of freedom).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import pandas as pd
 from .load import run_algo
 
 SMOOTH_POINTS = 3  # evaluations per trailing mean when judging a decline from the peak
+MIN_FIT_POINTS = 5  # evaluations with KL > 0 the fit needs: 3 residual degrees of freedom for its noise
 
 
 def gao_curve(d, alpha: float, beta: float) -> np.ndarray:
@@ -81,6 +88,33 @@ def _residual_sd(d: np.ndarray, r: np.ndarray, alpha: float, beta: float) -> flo
     return float(np.sqrt((resid ** 2).sum() / (ok.sum() - 2)))
 
 
+def fit_uncertainty(d, r, alpha: float, beta: float, level: float = 0.95) -> dict:
+    """``alpha_se``, ``beta_se`` (least-squares standard errors) and ``gold_peak_kl_ci`` ([lo, hi] of
+    KL*, None without a peak or with a degenerate fit) at ``level``; see the module docstring."""
+    from scipy.stats import t as student_t
+
+    d, r = np.asarray(d, dtype=float), np.asarray(r, dtype=float)
+    ok = np.isfinite(d) & np.isfinite(r) & (d > 0)
+    out = {"alpha_se": None, "beta_se": None, "gold_peak_kl_ci": None}
+    noise = _residual_sd(d, r, alpha, beta)
+    if not math.isfinite(noise):
+        return out
+    x = np.column_stack([d[ok], -d[ok] * np.log(d[ok])])
+    try:
+        cov = noise ** 2 * np.linalg.inv(x.T @ x)
+    except np.linalg.LinAlgError:
+        return out
+    out.update(alpha_se=_num(math.sqrt(cov[0, 0])), beta_se=_num(math.sqrt(cov[1, 1])))
+    if peak_d(alpha, beta) is None:
+        return out
+    grad = np.array([1.0 / beta, -alpha / beta ** 2])  # of z = ln d* = alpha / beta - 1
+    se_z = math.sqrt(max(float(grad @ cov @ grad), 0.0))
+    half = float(student_t.ppf((1 + level) / 2, ok.sum() - 2)) * se_z
+    z = alpha / beta - 1.0
+    out["gold_peak_kl_ci"] = [math.exp(min(2 * (z - half), 700)), math.exp(min(2 * (z + half), 700))]
+    return out
+
+
 def _kl(d: float | None) -> float | None:
     return None if d is None else d * d
 
@@ -106,15 +140,19 @@ def analyse(eval_df: pd.DataFrame, noise_k: float = 2.0) -> dict:
     out: dict = {"n_points": int(len(c)), "baseline_step": c["step"].iloc[0].item() if len(c) else None,
                  "final_step": c["step"].iloc[-1].item() if len(c) else None,
                  "final_kl": _num(c["kl"].iloc[-1]) if len(c) else None}
-    keys = ("alpha", "beta", "gold_peak_kl", "gold_peak_gain", "gold_noise", "observed_peak_kl", "observed_peak_step",
-            "observed_peak_gain", "gold_gain_end", "proxy_gain_end", "proxy_gold_gap_end", "past_peak",
-            "past_peak_reason", "proxy_alpha", "proxy_beta", "proxy_peak_kl")
+    keys = ("alpha", "beta", "alpha_se", "beta_se", "gold_peak_kl", "gold_peak_kl_ci", "gold_peak_gain", "gold_noise",
+            "observed_peak_kl", "observed_peak_step", "observed_peak_gain", "gold_gain_end", "proxy_gain_end",
+            "proxy_gold_gap_end", "past_peak", "past_peak_reason", "proxy_alpha", "proxy_beta", "proxy_peak_kl")
     out.update(dict.fromkeys(keys))
     skipped: list[str] = []
     out["skipped"] = skipped
-    if (np.isfinite(d) & (d > 0)).sum() < 2:
-        skipped.append("over-optimisation fit skipped: fewer than 2 evaluations with KL > 0")
-    if np.isfinite(proxy).any():
+    n_fit = int((np.isfinite(d) & (d > 0)).sum())
+    enough = n_fit >= MIN_FIT_POINTS
+    if not enough:
+        skipped.append(f"over-optimisation fit skipped: {n_fit} evaluation(s) with KL > 0, the fit needs "
+                       f">= {MIN_FIT_POINTS} (a two-parameter curve through fewer is exact, not evidence); "
+                       "gold_peak_kl and past_peak stay empty: evaluate more often (eval.eval_every)")
+    if np.isfinite(proxy).any() and enough:
         pa, pb = fit_gao(d, proxy)
         out.update(proxy_alpha=_num(pa), proxy_beta=_num(pb), proxy_peak_kl=_kl(peak_d(pa, pb)),
                    proxy_gain_end=_num(proxy[-1]))
@@ -127,26 +165,31 @@ def analyse(eval_df: pd.DataFrame, noise_k: float = 2.0) -> dict:
         skipped.append(f"gold over-optimisation skipped: no gold value at the first evaluation "
                        f"(step {out['baseline_step']}), so gains have no baseline")
         return out
+    best = int(np.nanargmax(gold))
+    out.update(observed_peak_kl=_num(c["kl"].iloc[best]), observed_peak_step=c["step"].iloc[best].item(),
+               observed_peak_gain=_num(gold[best]), gold_gain_end=_num(gold[-1]),
+               proxy_gold_gap_end=_num(proxy[-1] - gold[-1]))
+    if not enough:
+        return out
     alpha, beta = fit_gao(d, gold)
     ds = peak_d(alpha, beta)
     noise = _residual_sd(d, gold, alpha, beta)
-    best = int(np.nanargmax(gold))
+    unc = fit_uncertainty(d, gold, alpha, beta)
     out.update(alpha=_num(alpha), beta=_num(beta), gold_peak_kl=_kl(ds),
-               gold_peak_gain=None if ds is None else _num(beta * ds), gold_noise=_num(noise),
-               observed_peak_kl=_num(c["kl"].iloc[best]), observed_peak_step=c["step"].iloc[best].item(),
-               observed_peak_gain=_num(gold[best]), gold_gain_end=_num(gold[-1]),
-               proxy_gold_gap_end=_num(proxy[-1] - gold[-1]))
+               gold_peak_gain=None if ds is None else _num(beta * ds), gold_noise=_num(noise), **unc)
     smooth = pd.Series(gold).rolling(SMOOTH_POINTS, min_periods=1).mean().to_numpy()
     drop = float(np.nanmax(smooth) - smooth[-1]) if np.isfinite(smooth[-1]) else float("nan")
     declined = math.isfinite(noise) and drop > noise_k * noise
-    beyond = ds is not None and math.isfinite(d[-1]) and d[-1] > ds
+    ci = unc["gold_peak_kl_ci"]
+    beyond = ci is not None and math.isfinite(d[-1]) and d[-1] > math.sqrt(ci[1])
     out["past_peak"] = bool(declined or beyond)
     reasons = []
     if declined:
         reasons.append(f"gold gain at the end {drop:.3g} below its best (> {noise_k:g} x noise {noise:.3g})")
     if beyond:
-        reasons.append(f"final sqrt(KL) {d[-1]:.3g} beyond the fitted peak d* = {ds:.3g}")
-    out["past_peak_reason"] = "; ".join(reasons) or "gold still near its best and final sqrt(KL) before d*"
+        reasons.append(f"final sqrt(KL) {d[-1]:.3g} beyond the fitted peak d* = {ds:.3g} "
+                       f"(95% interval up to {math.sqrt(ci[1]):.3g})")
+    out["past_peak_reason"] = "; ".join(reasons) or "gold still near its best and final sqrt(KL) not beyond d*"
     return out
 
 

@@ -54,7 +54,10 @@ OVEROPT_DESCRIPTIONS = {
     "final_kl": "KL to the reference at the last evaluation (nats, summed per response)",
     "alpha": "Gao fit R(d) = d (alpha - beta ln d), d = sqrt(KL), R = gold gain over the start",
     "beta": "Gao fit: beta > 0 means the gold reward peaks and then falls",
+    "alpha_se": "standard error of alpha (least squares)",
+    "beta_se": "standard error of beta (least squares)",
     "gold_peak_kl": "KL at the fitted peak d* = exp(alpha / beta - 1)",
+    "gold_peak_kl_ci": "95% interval of that KL (delta method on ln d*, Student t)",
     "gold_peak_gain": "fitted gold gain at the peak, beta * d*",
     "gold_noise": "residual SD of the gold fit",
     "observed_peak_kl": "KL at the evaluation with the highest gold reward",
@@ -63,7 +66,7 @@ OVEROPT_DESCRIPTIONS = {
     "gold_gain_end": "gold gain at the last evaluation",
     "proxy_gain_end": "proxy (reward-model) gain at the last evaluation",
     "proxy_gold_gap_end": "proxy gain minus gold gain at the last evaluation",
-    "past_peak": "last evaluation beyond d*, or gold fallen from its best by more than 2 x noise",
+    "past_peak": "last evaluation beyond d*'s 95% interval, or gold fallen from its best by more than 2 x noise",
     "proxy_alpha": "the same fit of the proxy gain",
     "proxy_beta": "the same fit of the proxy gain (about 0 or below: no proxy peak)",
     "proxy_peak_kl": "KL at the proxy fit's peak, if it has one",
@@ -82,6 +85,8 @@ def fmt(v) -> str:
         return "yes" if v else "no"
     if isinstance(v, float):
         return "n/a" if math.isnan(v) else f"{v:.6g}"
+    if isinstance(v, (list, tuple)):  # an interval
+        return "[" + ", ".join(fmt(x) for x in v) + "]"
     return str(v)
 
 

@@ -152,12 +152,12 @@ def test_missing_columns_give_skip_lines_not_errors():
     alarms, skipped = detect(synthetic_log(200))  # the notebook's 8 reference columns
     assert alarms == []
     assert skipped == ["entropy_collapse skipped: no entropy column", "length_drift skipped: no response_length column",
-                       "length_hacking skipped: no response_length column", "clipfrac_high skipped: no clipfrac column",
-                       "approxkl_high skipped: no approxkl column"]
+                       "length_hacking skipped: no response_length column", "clipfrac_high skipped: no clipfrac or clipfrac_seq column",
+                       "approxkl_high skipped: no approxkl column; no approxkl_seq column"]
     grpo = clean().drop(columns=["approxkl"]).assign(value_loss=np.nan)  # GRPO: no critic, no approxkl
     alarms, skipped = detect(grpo)
     assert alarms == []  # an empty-by-design column is not a NaN fault
-    assert skipped == ["approxkl_high skipped: no approxkl column",
+    assert skipped == ["approxkl_high skipped: no approxkl column; no approxkl_seq column",
                        "value_loss_divergence skipped: value_loss column is empty"]
     dpo = pd.DataFrame({"step": np.arange(1, 51), "policy_loss": np.linspace(0.7, 0.3, 50),
                         "value_loss": np.nan, "kl_divergence": np.nan, "reward_score": np.linspace(0, 1, 50)})
@@ -183,3 +183,27 @@ def test_thresholds_are_configurable():
     assert "clipfrac_high" in {a.name for a in detect(df, Thresholds(clipfrac_max=0.15))[0]}
     with pytest.raises(ValueError):
         Thresholds(window=1)
+
+
+def test_sequence_level_diagnostics_are_judged_with_sequence_limits():
+    """RLOO's clipfrac and approxkl are per response (`<stat>_seq` columns): its healthy values (clipfrac
+    ~0.42, approxkl ~0.10 over 16-token responses) raise nothing, while the same numbers logged as
+    per-token diagnostics would (the false alarms a clean RLOO run used to raise)."""
+    rng = np.random.default_rng(4)
+    df = clean()
+    values = {"clipfrac": 0.42 + 0.05 * rng.standard_normal(N), "approxkl": 0.10 * np.exp(0.3 * rng.standard_normal(N))}
+    df["response_length"] = 16.0
+    seq = df.drop(columns=["clipfrac", "approxkl"]).assign(**{f"{k}_seq": v for k, v in values.items()})
+    assert detect(seq)[0] == []
+    tok = df.assign(**values)
+    assert {a.name for a in detect(tok)[0]} == {"clipfrac_high", "approxkl_high"}
+    # A sequence-level fault still fires, with the level in its message.
+    seq.loc[rows_from(seq, AT), "clipfrac_seq"] = 0.95
+    seq.loc[rows_from(seq, AT), "approxkl_seq"] = 16 * 0.2  # 0.2 per token
+    alarms = {a.name: a for a in detect(seq)[0]}
+    assert set(alarms) == {"clipfrac_high", "approxkl_high"}
+    assert all(AT <= a.step < AT + W for a in alarms.values())
+    assert "(per response)" in alarms["clipfrac_high"].message
+    assert "(per response / mean length)" in alarms["approxkl_high"].message and alarms["approxkl_high"].value >= 0.05
+    _, skipped = detect(seq.drop(columns=["response_length"]))
+    assert "approxkl_high skipped: no approxkl column; no response_length column" in skipped

@@ -179,11 +179,26 @@ def test_default_config_learns(algo, default_sft_rm, tmp_path):
     assert summary["gold_win_rate"] >= 0.70, summary
     assert 0.0 < summary["kl_final"] <= TARGET_KL, summary
     assert not summary.get("alarms"), summary["alarms"]
+    conf = stages()[algo].Config()
+    if hasattr(conf, "diagnostic_level"):  # clipfrac / approxkl named by their declared level
+        suffix = "_seq" if conf.diagnostic_level == "sequence" else ""
+        assert {f"clipfrac{suffix}", f"approxkl{suffix}"} <= set(pd.read_csv(run / algo / "metrics.csv").columns)
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["gold_win_rate"] == summary["gold_win_rate"]  # the learning figures reach summary.json
     assert (run / algo / "model" / "model.safetensors").is_file()
     card = (run / algo / "model" / "README.md").read_text()
     assert stages()[algo].title in card and f"`{algo}` stage" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ALGORITHMS)
+def test_short_small_batch_run_raises_no_alarm(algo, default_sft_rm, tmp_path):
+    """Clean runs at debug=fast's batch of 8, past one alarm window (12 updates): every detector that
+    the stage's columns allow has judged at least two rows, and none fires (RLOO's per-response
+    clipfrac and approxkl used to, judged with PPO's per-token limits)."""
+    run, summary = _run(algo, default_sft_rm, tmp_path, "debug=fast", f"{algo}.max_steps=12", f"{algo}.val_every=12")
+    assert len(pd.read_csv(run / algo / "metrics.csv")) == 12
+    assert summary["alarms"] == [], summary["alarms"]
 
 
 @pytest.mark.slow

@@ -163,3 +163,35 @@ def test_cli_sweep_per_run_alarms_and_frontier(tmp_path):
     report = (root / "report.md").read_text()
     assert "## Alarms" in report and "### Run 3" in report and "![KL-reward frontier](frontier.png)" in report
     assert "no eval.csv for run(s) 3" in report
+
+
+@pytest.mark.parametrize("n_eval", [3, 5])
+def test_too_few_points_give_no_fit_and_no_past_peak(n_eval):
+    """The default run's old schedule (updates 0, 25, 40) gave 2 points past the baseline: the fit went
+    through them exactly and claimed a peak. Below MIN_FIT_POINTS there is no fit, no peak, no verdict."""
+    from analysis.overoptimisation import MIN_FIT_POINTS
+
+    ev = eval_frame(2 * D_STAR, n=n_eval, seed=0)
+    res = analyse(ev)
+    assert n_eval - 1 < MIN_FIT_POINTS
+    for k in ("alpha", "beta", "gold_peak_kl", "gold_peak_kl_ci", "past_peak", "past_peak_reason", "proxy_alpha"):
+        assert res[k] is None, k
+    assert res["observed_peak_kl"] is not None  # what was observed is still reported
+    assert len(res["skipped"]) == 1 and f"needs >= {MIN_FIT_POINTS}" in res["skipped"][0]
+    ok = analyse(eval_frame(2 * D_STAR, n=MIN_FIT_POINTS + 1, seed=0))
+    assert ok["alpha"] is not None and ok["skipped"] == []
+
+
+def test_peak_interval_covers_the_true_peak_and_narrows_with_points():
+    covered, widths = 0, {}
+    for n in (11, 41):
+        w = []
+        for seed in range(20):
+            res = analyse(eval_frame(2 * D_STAR, n=n, seed=seed))
+            lo, hi = res["gold_peak_kl_ci"]
+            covered += lo <= D_STAR ** 2 <= hi
+            w.append(math.log(hi / lo))
+            assert res["alpha_se"] > 0 and res["beta_se"] > 0
+        widths[n] = np.median(w)
+    assert covered >= 34  # of 40 nominal-95% intervals
+    assert widths[41] < widths[11]

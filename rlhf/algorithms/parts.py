@@ -149,6 +149,11 @@ def reinforce_pp_baseline_advantages(x: AdvantageInputs, cfg) -> Advantages:
 # Each returns (loss per token [B, T], or per response [B]; stats: clipfrac, approxkl, ratio). Inputs
 # are zeroed at padding first: padded log-probs may be garbage (INVALID_LOGPROB, -inf), and a NaN
 # there would poison the backward pass even through a later torch.where.
+# The stats in PER_LEVEL are per token, or per response for a `per_sequence` loss (its action is the
+# whole response): metrics.csv then names them `<stat>_seq` and the alarms use sequence limits.
+PER_LEVEL = ("clipfrac", "approxkl")
+
+
 def token_mean_of(x: Tensor, mask: Tensor) -> Tensor:
     """Mean of `x` over the valid tokens; 0 (not NaN) when there are none."""
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1).to(x.dtype)

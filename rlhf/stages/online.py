@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from rlhf.algorithms import core
+from rlhf.algorithms.parts import PER_LEVEL
 from rlhf.algorithms.ppo import AdaptiveKLController, FixedKLController
 from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.gold import gold_scores
@@ -292,7 +293,9 @@ class OnlineRLModule(OnlineUpdate, Stage):
                "batch_size": len(roll.prompts) * self.trainer.world_size, "entropy": m["objective/entropy"],
                "response_length": m["objective/response_length"], "episode": self.episodes,
                "gold_score": m.get("objective/gold_scores", "")}
-        row.update({col: m[name] for col, name in self.CSV_FROM_METRICS.items() if name in m})
+        level = self.cfg.diagnostic_level
+        row.update({col + ("_seq" if col in PER_LEVEL and level == "sequence" else ""): m[name]
+                    for col, name in self.CSV_FROM_METRICS.items() if name in m})
         self.csv_row = row
         step = self.update_index
         if step % self.cfg.sample_every == 0:

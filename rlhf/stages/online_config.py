@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.algorithms import parts
 from rlhf.algorithms.parts import check_composition
 from rlhf.stages.common import StageConfig
 
@@ -77,6 +78,13 @@ class OnlineConfig(StageConfig):
         check_composition(self, self.generations_per_prompt)
 
     # What each algorithm names in its own (the papers' and TRL's) words.
+    @property
+    def diagnostic_level(self) -> str:
+        """The level of the policy loss's clipfrac and approxkl: "sequence" for a loss whose action is the
+        whole response (its part declares `per_sequence`), else "token". metrics.csv names a sequence-level
+        column `<name>_seq`, so the alarms (analysis/alarms.py) judge it with the matching limits."""
+        return "sequence" if parts.POLICY_LOSSES[self.policy_loss].per_sequence else "token"
+
     @property
     def epochs(self) -> int:
         """Passes over each rollout: PPO's num_ppo_epochs, GRPO's num_iterations."""

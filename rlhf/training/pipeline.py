@@ -200,8 +200,8 @@ def train(cfg: DictConfig) -> dict:
     quiet_console()
     run_dir = Path(cfg.paths.output_dir)
     resuming = bool(cfg.get("resume"))
+    apply_every_stage(cfg)  # a no-op when train.py (or a test's compose) applied it under the command line
     plan = plan_stages(cfg)
-    apply_every_stage(cfg)
     apply_root_settings(cfg)
     confs, reward = preflight(cfg, plan, run_dir, resuming)
     # The resolved config beside the outputs: evaluate/serve/generate read it, with or without Hydra.
