@@ -227,3 +227,43 @@ def test_too_little_free_disk_fails_before_any_model(tmp_path, monkeypatch):
     monkeypatch.setattr("rlhf.training.pipeline.load_tokenizer", lambda *a, **k: pytest.fail("got past preflight"))
     with pytest.raises(UserError, match=r"has 0\.2 GiB free, paths\.min_free_gb=1"):
         train(compose_train(tmp_path / "run", "debug=fast"))
+
+
+def _grpo_batch_scaled_on_rank(rank, world, port, rewards, out):
+    import torch.distributed as dist
+
+    from rlhf.algorithms.grpo import group_advantages
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        def all_reduce(t):
+            t = t.clone()
+            dist.all_reduce(t)  # sum, as the stage's sum_over_ranks
+            return t
+
+        share = rewards.chunk(world)[rank]  # whole groups per rank, as the sampler deals prompts
+        out[rank] = group_advantages(share, 4, "batch", all_reduce=all_reduce)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grpo_batch_scaling_over_two_gloo_processes_equals_one_process():
+    """scale_rewards=batch divides by the std of every process's rewards (TRL gathers them first):
+    two processes holding half the groups each give the single-process advantages."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from rlhf.algorithms.grpo import group_advantages
+
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.cat([torch.randn(16, generator=g), 3 + 2 * torch.randn(16, generator=g)])  # ranks differ
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_grpo_batch_scaled_on_rank, args=(2, port, rewards, out), nprocs=2, join=True)
+    expected = group_advantages(rewards, 4, "batch")
+    assert torch.allclose(torch.cat([out[0], out[1]]), expected, atol=1e-6)
+    # Each process's own std (the old behaviour) is a different thing here.
+    assert not torch.allclose(group_advantages(rewards[:16], 4, "batch"), expected[:16], atol=1e-2)

@@ -21,13 +21,16 @@ AGGREGATION = {"grpo": "seq_mean_token_mean", "dr_grpo": "seq_mean_token_sum_nor
 
 
 def group_advantages(
-    rewards: Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4
+    rewards: Tensor, num_generations: int, scale_rewards: str = "group", eps: float = 1e-4, all_reduce=None
 ) -> Tensor:
     """Group-relative advantages for rewards laid out as consecutive groups of `num_generations`.
 
     "group": (r - group mean) / (group std + eps)  (GRPO paper, TRL default)
     "batch": (r - group mean) / (batch std + eps)  (more robust when a group's rewards are all equal)
     "none":  r - group mean                         (Dr. GRPO: std scaling biases towards easy/hard prompts)
+
+    Groups never span processes; the batch std is over every process's rewards (`all_reduce` sums a
+    tensor over data-parallel ranks), as TRL gathers the rewards before taking it.
     """
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of {SCALE_REWARDS}")
@@ -46,8 +49,18 @@ def group_advantages(
         std = grouped.std(dim=1).repeat_interleave(num_generations)
         advantages = advantages / (std + eps)
     elif scale_rewards == "batch":
-        advantages = advantages / (rewards.std() + eps)
+        advantages = advantages / (_global_std(rewards, all_reduce) + eps)
     return advantages
+
+
+def _global_std(x: Tensor, all_reduce=None) -> Tensor:
+    """Unbiased std of `x` over every rank's values (this rank's alone without `all_reduce`)."""
+    if all_reduce is None:
+        return x.std()
+    x64 = x.double()
+    n, total = all_reduce(torch.stack([x64.new_tensor(x.numel()), x64.sum()]))
+    sq = all_reduce(((x64 - total / n) ** 2).sum())  # two passes: no cancellation
+    return (sq / (n - 1)).sqrt().to(x.dtype)
 
 
 def k3_kl(new_logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:

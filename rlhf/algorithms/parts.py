@@ -106,7 +106,8 @@ def gae_advantages(x: AdvantageInputs, cfg) -> Advantages:
 @register_adv_est("grpo", needs_groups=True, per_sequence=True)
 def grpo_advantages(x: AdvantageInputs, cfg) -> Advantages:
     """Group-relative (Shao et al. 2024, DeepSeekMath): reward minus its group's mean, over the group's std (`scale_rewards`)."""
-    return _per_sequence(group_advantages(x.sequence_rewards, x.group_size, cfg.scale_rewards), x.mask)
+    adv = group_advantages(x.sequence_rewards, x.group_size, cfg.scale_rewards, all_reduce=x.all_reduce)
+    return _per_sequence(adv, x.mask)
 
 
 @register_adv_est("rloo", needs_groups=True, per_sequence=True)
