@@ -9,9 +9,16 @@ full window. Units: ``kl_divergence`` and ``entropy`` are summed per response, i
 =====================  ==========================================================================
 name                   fires at the first row where ...
 =====================  ==========================================================================
-kl_spike               KL > median of the previous w rows + max(spike_k * IQR/1.349,
-                       (spike_ratio - 1) * that median, spike_min_jump)
-kl_blowup              the median of the last 3 KL values > kl_max
+kl_spike               at row i + 1 (the row that shows it fell back): KL at row i > m + max(spike_k * s,
+                       (spike_ratio - 1) * |m|) with m the median of the w rows before i and s their
+                       robust spread (max of IQR/1.349 and the median step between rows), and KL at
+                       row i + 1 below halfway back to m. `kl_spike_mask` marks row i; the report's
+                       `kl_spike_count` counts the same rows
+kl_growth              the OLS slope of ln KL over the last 2w rows is >= growth_rate per row with
+                       t >= growth_t, and exceeds by >= growth_rate (and growth_t standard errors) the
+                       median slope of the spans that ended before them (KL accelerating, as after a
+                       plateau; the early rise from zero decelerates, so its slopes fall)
+kl_blowup              second line, in absolute units: the median of the last 3 KL values > kl_max
 negative_kl            mean KL over w < -negative_kl_tol and its t = mean / (sd / sqrt(w))
                        <= -negative_kl_t
 entropy_collapse       entropy per token (sum(entropy) / sum(response_length) over w; the summed
@@ -33,6 +40,10 @@ non_finite             NaN or inf in a numeric column other than step; a NaN cou
 
 Infinite values are treated as missing by every detector but ``non_finite``, which reports them
 once. ``detect`` costs a few milliseconds on a few thousand rows (pandas rolling windows).
+
+Scale: every rule but ``kl_blowup``'s ceiling compares a metric with the run's own history
+(medians, spreads, ratios, slopes of the logarithm) or is a fraction, so multiplying a log's KL by
+0.1 or 10 moves no alarm (``tests/test_alarms.py`` checks three scales).
 """
 from __future__ import annotations
 
@@ -56,10 +67,13 @@ class Thresholds:
     spike_k: float = 6.0
     # ... and this many times that median: single-batch KL of clean runs reaches 3.5x it
     spike_ratio: float = 5.0
-    # ... and at least this many nats higher: clean runs swing by up to ~1 nat between updates
-    spike_min_jump: float = 1.0
-    # summed KL ceiling in nats: exp(20) likelihood ratios mean the policy has left the reference;
-    # KL-penalised runs stay below ~10 (this repo's default runs end near 2.5)
+    # KL growing by 1% per update or more (10% per window) over a window, ...
+    growth_rate: float = 0.01
+    # ... clear of noise: t of the log-KL slope, and of its rise over the slope before (lower values
+    # fire on clean synthetic logs with 15% KL noise: tests/test_alarms.py)
+    growth_t: float = 5.0
+    # second line, in nats summed per response: exp(20) likelihood ratios mean the policy has left the
+    # reference whatever the run's history (this repo's default runs end near 2.5)
     kl_max: float = 20.0
     # KL >= 0; a window mean this far below 0 (nats) with t <= -negative_kl_t is not sampling noise
     negative_kl_tol: float = 0.01
@@ -132,15 +146,59 @@ def _first_finite(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _kl_spike(c, t):
-    prev = _roll(c["kl_divergence"], t.window)
+def kl_spike_mask(kl: np.ndarray, t: "Thresholds | None" = None) -> np.ndarray:
+    """Rows whose KL jumped far above the previous window and fell back at the next row (the
+    `kl_spike` rule, module docstring); the one spike rule of the alarms and the report."""
+    t = t or Thresholds()
+    kl = np.where(np.isfinite(kl), kl, np.nan)
+    prev = _roll(kl, t.window)
     med = prev.median().shift(1).to_numpy()
     iqr = (prev.quantile(0.75) - prev.quantile(0.25)).shift(1).to_numpy()
-    thr = med + np.maximum.reduce([t.spike_k * iqr / IQR_TO_SIGMA, (t.spike_ratio - 1) * np.abs(med),
-                                   np.full_like(med, t.spike_min_jump)])
-    return c["kl_divergence"], thr, c["kl_divergence"] > thr, lambda v, th, s: (
-        f"KL {v:.3g} nats at step {s} jumps above {th:.3g} (median of the previous {t.window} steps "
-        f"+ max({t.spike_k:g} robust SDs, x{t.spike_ratio:g}, {t.spike_min_jump:g} nats))")
+    step = pd.Series(np.abs(np.diff(kl, prepend=np.nan))).rolling(t.window - 1, min_periods=t.window - 1)
+    spread = np.fmax(iqr / IQR_TO_SIGMA, step.median().shift(1).to_numpy())
+    thr = med + np.fmax(t.spike_k * spread, (t.spike_ratio - 1) * np.abs(med))
+    nxt = np.append(kl[1:], np.nan)
+    with np.errstate(invalid="ignore"):
+        return (kl > thr) & (nxt < (kl + med) / 2)
+
+
+def _kl_spike(c, t):
+    kl = c["kl_divergence"]
+    mask = kl_spike_mask(kl, t)
+    fire = np.append(False, mask[:-1])  # known at the row after the spike
+    peak = np.append(np.nan, kl[:-1])
+    med = np.append(np.nan, _roll(kl, t.window).median().shift(1).to_numpy()[:-1])
+    return peak, med, fire, lambda v, th, s: (
+        f"KL {v:.3g} at step {s - 1} jumped above its previous {t.window} steps (median {th:.3g}) by more than "
+        f"{t.spike_k:g} robust SDs and x{t.spike_ratio:g}, and fell back at step {s}")
+
+
+def _log_slope(y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """OLS slope of `y` over the trailing `n` rows at every row, and its standard error (NaN until
+    `n` rows, or when a window holds a NaN)."""
+    x = np.arange(n, dtype=float) - (n - 1) / 2
+    sxx = float((x * x).sum())
+    win = np.lib.stride_tricks.sliding_window_view(np.concatenate([np.full(n - 1, np.nan), y]), n)
+    centred = win - win.mean(1, keepdims=True)
+    slope = centred @ x / sxx
+    resid = centred - slope[:, None] * x
+    return slope, np.sqrt((resid ** 2).sum(1) / (n - 2) / sxx)
+
+
+def _kl_growth(c, t):
+    kl = c["kl_divergence"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(kl > 0, np.log(kl), np.nan)
+    n, w = 2 * t.window, t.window
+    slope, se = _log_slope(y, n)
+    # The typical slope before the current span: median over the w + 1 spans that ended n .. n + w rows ago.
+    past = pd.Series(slope).rolling(w + 1, min_periods=w // 2 + 1).median().shift(n).to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_now, t_acc = slope / se, (slope - past) / se
+    fire = (slope >= t.growth_rate) & (t_now >= t.growth_t) & (slope - past >= t.growth_rate) & (t_acc >= t.growth_t)
+    return slope, past + t.growth_rate, fire, lambda v, th, s: (
+        f"KL grows {100 * (math.exp(v) - 1):.2g}% per step over the {n} steps to {s} (ln KL slope {v:.3g}, "
+        f"t >= {t.growth_t:g}), against {th - t.growth_rate:.3g} before them: KL is accelerating")
 
 
 def _kl_blowup(c, t):
@@ -232,6 +290,7 @@ def _value_loss(c, t):
 
 DETECTORS = (  # name, required columns, detector
     ("kl_spike", ("kl_divergence",), _kl_spike),
+    ("kl_growth", ("kl_divergence",), _kl_growth),
     ("kl_blowup", ("kl_divergence",), _kl_blowup),
     ("negative_kl", ("kl_divergence",), _negative_kl),
     ("entropy_collapse", ("entropy",), _entropy_collapse),
@@ -245,6 +304,11 @@ DETECTORS = (  # name, required columns, detector
 )
 NAMES = tuple(name for name, _, _ in DETECTORS) + ("non_finite",)
 OPTIONAL = {"entropy_collapse": ("response_length",)}  # used when present and not empty
+# Rows a detector needs before it can judge one (w = window); fewer: skipped with a line saying so.
+MIN_ROWS = {"kl_spike": lambda w: w + 2, "kl_growth": lambda w: 2 * w + 1, "kl_blowup": lambda w: min(3, w)}
+# Rules that compare KL with its own variation: a constant KL column (all zeros: no reference) gives
+# them nothing to judge.
+NEEDS_VARIATION = ("kl_spike", "kl_growth")
 
 
 def _non_finite(df: pd.DataFrame, steps: np.ndarray) -> Alarm | None:
@@ -304,6 +368,13 @@ def detect(df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list
                        else "; ".join(reasons))
                 break
             use += ok
+        need_rows = MIN_ROWS.get(name, lambda w: w)(t.window)
+        if why is None and len(df) < need_rows:
+            why = f"the log has {len(df)} rows, it needs >= {need_rows}"
+        if why is None and name in NEEDS_VARIATION:
+            x = cols[use[0]][np.isfinite(cols[use[0]])]
+            if x.min() == x.max():
+                why = f"{use[0]} is constant ({x[0]:g})"
         if why:
             skipped.append(f"{name} skipped: {why}")
             continue

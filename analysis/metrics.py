@@ -160,44 +160,13 @@ def collapse_trend(df: pd.DataFrame, window: int = 50, t_crit: float = 2.0) -> d
     }
 
 
-def kl_spikes(df: pd.DataFrame, window: int = 50, k: float = 5.0) -> np.ndarray:
-    """Boolean mask of KL spikes: values far above the local median.
+def kl_spikes(df: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of KL spikes: the health alarms' one rule (:func:`analysis.alarms.kl_spike_mask`):
+    KL far above the trailing window's median, in the run's own spread and as a multiple of that
+    median, falling back at the next row. The alarm fires at the first; the report counts them all."""
+    from .alarms import kl_spike_mask
 
-    ::
-
-        w     = window rounded up to odd (a centred window with a middle row), h = w // 2
-        base  = centred rolling median (width w) of kl, odd-reflected by h rows at both
-                ends (kl[-j] := 2 kl[0] - kl[j]), so a straight-line trend has base == kl
-        resid = kl - base
-        scale = max(1.4826 * median(|resid - median(resid)|),   # robust SD of the residual
-                    median(|diff(kl)|))                        # typical step-to-step move
-        spike = resid > median(resid) + k * scale
-
-    Subtracting the rolling median lets KL drift upward (as it does in PPO)
-    without every late step counting as a spike; the odd reflection keeps that
-    true at the ends. The ``median(|diff|)`` term only matters for nearly
-    noise-free KL, where the MAD is ~0 and any wiggle would count. A spike on
-    the very first or last row cannot be told apart from the start of a climb
-    and is not reported. Non-finite KL is never a spike (see :func:`nonfinite_counts`).
-    """
-    x = _arr(df["kl_divergence"])
-    x = np.where(np.isfinite(x), x, np.nan)
-    n = x.size
-    h = min((window if window % 2 else window + 1) // 2, max(n - 1, 0))
-    padded = np.concatenate([2 * x[0] - x[h:0:-1], x, 2 * x[-1] - x[-2:-h - 2:-1]]) if h else x
-    base = pd.Series(padded).rolling(2 * h + 1, center=True, min_periods=1).median().to_numpy()[h:h + n]
-    resid = x - base
-    finite = np.isfinite(resid)
-    if not finite.any():
-        return np.zeros(n, dtype=bool)
-    med = np.median(resid[finite])
-    mad = np.median(np.abs(resid[finite] - med)) * MAD_TO_SIGMA
-    steps = np.abs(np.diff(x))
-    steps = steps[np.isfinite(steps)]
-    scale = max(mad, float(np.median(steps)) if steps.size else 0.0)
-    floor = 1e-12 * max(1.0, float(np.nanmax(np.abs(x))))
-    with np.errstate(invalid="ignore"):
-        return finite & (resid > med + max(k * scale, floor))
+    return kl_spike_mask(_arr(df["kl_divergence"]))
 
 
 def nonfinite_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
@@ -209,7 +178,7 @@ def nonfinite_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
     return out
 
 
-def compute_metrics(df: pd.DataFrame, window: int = 50, spike_k: float = 5.0, t_crit: float = 2.0) -> dict:
+def compute_metrics(df: pd.DataFrame, window: int = 50, t_crit: float = 2.0) -> dict:
     """All run metrics as a flat dict of Python scalars (see the module docstring).
 
     Besides the notebook numbers and final values: ``final_policy_loss_ma`` /
@@ -247,8 +216,7 @@ def compute_metrics(df: pd.DataFrame, window: int = 50, spike_k: float = 5.0, t_
     kl = _arr(df["kl_divergence"])
     m["max_kl_divergence"] = _f(np.nanmax(np.where(np.isfinite(kl), kl, np.nan))) if np.isfinite(kl).any() else float("nan")
     m.update(collapse_trend(df, window, t_crit))
-    m["kl_spike_count"] = int(kl_spikes(df, window, spike_k).sum())
-    m["kl_spike_k"] = float(spike_k)
+    m["kl_spike_count"] = int(kl_spikes(df).sum())
     values = df[list(METRIC_COLUMNS)].to_numpy(dtype=float)
     # A column with no number at all was not logged (GRPO/RLOO have no value loss, DPO no sampled KL):
     # absent, not NaN. NaNs in a column that holds numbers elsewhere are faults.
@@ -274,7 +242,7 @@ def metric_warnings(m: dict) -> list[str]:
             f"(t={m['reward_trend_t']:.3g}) while KL climbs (t={m['kl_trend_t']:.3g})"
         )
     if m["kl_spike_count"]:
-        out.append(f"{m['kl_spike_count']} KL spike(s) (more than {m['kl_spike_k']:g} robust SDs above the rolling median)")
+        out.append(f"{m['kl_spike_count']} KL spike(s) (the kl_spike alarm's rule: far above the trailing median, then back)")
     if m["num_steps"] < m["window"]:
         out.append(f"run has {m['num_steps']} steps, fewer than the {m['window']}-step window: moving averages are NaN")
     return out

@@ -133,7 +133,7 @@ def dashboard(df: pd.DataFrame, path: str | Path, lang: str = "en", window: int 
             ax.set_title(lab[col])
             ax.set_xlabel(lab["step"])
             ax.set_ylabel(lab[ylab])
-        spikes = kl_spikes(df, window)
+        spikes = kl_spikes(df)
         if spikes.any():
             ax = axes[1, 0]
             idx = np.flatnonzero(spikes)[:MAX_POINTS]

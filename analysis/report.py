@@ -43,7 +43,7 @@ DESCRIPTIONS = {
     "reward_stability": "1 / (1 + relative noise of reward)",
     "reward_per_kl": "(mean(rs[-w:]) - mean(rs[:w])) / mean(kl[-w:])",
     "collapse_suspected": "reward trend t <= -2 and KL trend t >= 2 over the last window",
-    "kl_spike_count": "KL above its rolling median by > k robust SDs (see kl_spikes)",
+    "kl_spike_count": "rows where the kl_spike alarm's rule holds (far above the trailing median, then back)",
     "nan_count": "NaN values in the four metric columns",
     "inf_count": "inf values in the four metric columns",
 }

@@ -123,7 +123,7 @@ def test_each_name_once_at_its_first_step():
     alarms, _ = detect(df)
     names = [a.name for a in alarms]
     assert len(names) == len(set(names)) and set(names) <= set(NAMES)
-    assert {a.name: a.step for a in alarms}["kl_spike"] == AT
+    assert {a.name: a.step for a in alarms}["kl_spike"] == AT + 1  # known when KL falls back
 
 
 def _key(a: Alarm):
@@ -163,7 +163,7 @@ def test_missing_columns_give_skip_lines_not_errors():
                         "value_loss": np.nan, "kl_divergence": np.nan, "reward_score": np.linspace(0, 1, 50)})
     alarms, skipped = detect(dpo)
     assert alarms == [] and "kl_spike skipped: kl_divergence column is empty" in skipped
-    assert len(skipped) == 9  # every detector but non_finite
+    assert len(skipped) == len(NAMES) - 1  # every detector but non_finite
     one_row, _ = detect(clean().iloc[:1])
     assert one_row == []
 
@@ -207,3 +207,75 @@ def test_sequence_level_diagnostics_are_judged_with_sequence_limits():
     assert "(per response / mean length)" in alarms["approxkl_high"].message and alarms["approxkl_high"].value >= 0.05
     _, skipped = detect(seq.drop(columns=["response_length"]))
     assert "approxkl_high skipped: no approxkl column; no response_length column" in skipped
+
+
+# ----------------------------------------------------------------------------- scale-free KL rules
+SCALES = (0.1, 1.0, 10.0)
+
+
+@pytest.mark.parametrize("name", [n for n in FAULTS if n != "kl_blowup"])  # kl_blowup: the absolute second line
+def test_no_alarm_moves_when_kl_is_rescaled(name):
+    """Every rule but kl_blowup's ceiling judges KL against the run's own history: a log whose KL is in
+    other units (x0.1, x10) raises the same alarms at the same steps."""
+    found = {}
+    for scale in SCALES:
+        df = clean()
+        FAULTS[name](df)
+        df["kl_divergence"] *= scale
+        found[scale] = {a.name: a.step for a in detect(df)[0] if a.name != "kl_blowup"}
+    assert found[0.1] == found[1.0] == found[10.0] and name in found[1.0], found
+
+
+def plateau_then_growth(scale, rate=0.017, noise=0.03, seed=0, n=N, at=AT):
+    """The seed-schema case: KL rises from 0, sits near 0.16 nats, then grows by `rate` per update from
+    step `at` (times `scale`, with multiplicative noise)."""
+    rng = np.random.default_rng(seed)
+    df = synthetic_online_log(n, seed=seed)
+    step = df["step"].to_numpy()
+    kl = 0.16 * (1 - np.exp(-step / 10)) * np.exp(rate * np.clip(step - at, 0, None) + noise * rng.standard_normal(n))
+    df["kl_divergence"] = scale * kl
+    return df
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("seed", range(3))
+def test_kl_accelerating_after_a_plateau_is_found_within_about_one_window(scale, seed):
+    alarms = {a.name: a for a in detect(plateau_then_growth(scale, seed=seed))[0]}
+    assert "kl_growth" in alarms and AT <= alarms["kl_growth"].step <= AT + 3 * W // 2, alarms
+    assert all(a.step >= AT for a in alarms.values()), alarms  # the early rise and the plateau: silent
+    # The same log without the growth raises nothing.
+    assert detect(plateau_then_growth(scale, rate=0.0, seed=seed))[0] == []
+
+
+def test_fast_early_rise_from_zero_is_silent():
+    """KL doubling every update from near zero, then levelling off, as a policy leaving its reference."""
+    df = clean()
+    step = df["step"].to_numpy()
+    df["kl_divergence"] = 2.0 / (1 + np.exp(-(step - 12) * np.log(2))) * np.exp(0.05 * np.random.default_rng(3).standard_normal(N))
+    assert detect(df)[0] == []
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_kl_spike_needs_the_fall_back(scale):
+    df = clean()
+    df["kl_divergence"] *= scale
+    df.loc[df["step"] == AT, "kl_divergence"] = 15.0 * scale  # one batch far out, then back
+    relative = lambda frame: {a.name: a.step for a in detect(frame)[0] if a.name != "kl_blowup"}  # noqa: E731
+    assert relative(df) == {"kl_spike": AT + 1}
+    step_up = clean()
+    step_up["kl_divergence"] *= scale
+    step_up.loc[rows_from(step_up, AT), "kl_divergence"] *= 6  # a new level, not a spike
+    assert "kl_spike" not in relative(step_up)
+
+
+def test_few_rows_constant_or_zero_kl_give_skip_lines():
+    few = clean().iloc[:6]
+    alarms, skipped = detect(few)
+    assert alarms == [] and "kl_spike skipped: the log has 6 rows, it needs >= 12" in skipped
+    assert "entropy_collapse skipped: the log has 6 rows, it needs >= 10" in skipped
+    for value in (0.0, 0.3):
+        flat = clean().assign(kl_divergence=value)
+        alarms, skipped = detect(flat)
+        assert alarms == [], alarms
+        assert {f"kl_spike skipped: kl_divergence is constant ({value:g})",
+                f"kl_growth skipped: kl_divergence is constant ({value:g})"} <= set(skipped)

@@ -196,7 +196,7 @@ def test_short_small_batch_run_raises_no_alarm(algo, default_sft_rm, tmp_path):
     """Clean runs at debug=fast's batch of 8, past one alarm window (12 updates): every detector that
     the stage's columns allow has judged at least two rows, and none fires (RLOO's per-response
     clipfrac and approxkl used to, judged with PPO's per-token limits)."""
-    run, summary = _run(algo, default_sft_rm, tmp_path, "debug=fast", f"{algo}.max_steps=12", f"{algo}.val_every=12")
+    run, summary = _run(algo, default_sft_rm, tmp_path, "debug=fast", f"{algo}.max_steps=12")
     assert len(pd.read_csv(run / algo / "metrics.csv")) == 12
     assert summary["alarms"] == [], summary["alarms"]
 

@@ -108,15 +108,21 @@ def test_trend_and_collapse_flag():
 
 
 def test_kl_spikes_known_answers():
+    """The report counts spikes by the kl_spike alarm's rule: a steady climb is not spiky, single
+    rows far above the trailing window that fall back are, and the alarm fires at the first."""
+    from analysis.alarms import detect
+
     t = np.arange(300.0)
-    steep = 0.01 * t  # a steadily climbing KL, ends included, is not spiky
+    steep = 0.01 * t
     assert kl_spikes(frame(kl_divergence=steep)).sum() == 0
     spiky = steep.copy()
-    spiky[[50, 150, 297]] += 5.0
+    spiky[[50, 150, 297]] *= 10.0  # single batches at ten times the trend (a jump of 4.5x is within clean noise)
     assert np.flatnonzero(kl_spikes(frame(kl_divergence=spiky))).tolist() == [50, 150, 297]
     wavy = 0.1 + 0.001 * np.sin(t)
     wavy[[20, 200]] += 1.0
-    assert compute_metrics(frame(kl_divergence=wavy))["kl_spike_count"] == 2
+    df = frame(kl_divergence=wavy)
+    assert compute_metrics(df)["kl_spike_count"] == 2
+    assert [(a.name, a.step) for a in detect(df)[0] if a.name == "kl_spike"] == [("kl_spike", df["step"][21])]
 
 
 def test_nonfinite_counts(tmp_path):
