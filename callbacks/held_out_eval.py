@@ -1,11 +1,13 @@
 """Held-out evaluation during a policy stage, and the best policy kept beside the last.
 
     python train.py eval.eval_every=10                 # evaluate every 10 updates (null: only at the end)
+    python train.py eval.eval_prompts=200              # prompts per evaluation point (null: the stage's eval_prompts)
     python train.py eval.best_metric=reward            # pick the best by the proxy (auto: gold when known)
 
 At update 0 (the start policy), every `eval_every` updates and at the last, the policy samples one
-response per held-out prompt (the stage's `eval_prompts`, the same prompts and random numbers
-each time, as the end-of-stage comparison) and logs `eval/reward` (the proxy), `eval/gold`
+response per held-out prompt (the first `eval.eval_prompts` of them, or the stage's
+`eval_prompts`; the same prompts and random numbers each time, as the end-of-stage comparison,
+which keeps the stage's own count) and logs `eval/reward` (the proxy), `eval/gold`
 (when a gold is known), `eval/kl` (k1 to the reference, nats per sequence),
 `eval/response_length` and `eval/distinct_2` to the loggers and to `<stage>/eval.csv`, the
 points `python -m analysis` draws reward over-optimisation from. A better `best_metric` than
@@ -31,9 +33,13 @@ BEST_METRICS = ("auto", "gold", "reward")
 
 
 class HeldOutEval(pl.Callback):
-    def __init__(self, stage_dir: str, eval_every: int | None = None, best_metric: str = "auto"):
+    def __init__(self, stage_dir: str, eval_every: int | None = None, best_metric: str = "auto",
+                 eval_prompts: int | None = None):
         if eval_every is not None and eval_every <= 0:
             raise ValueError(f"eval.eval_every must be > 0 or null, got {eval_every}")
+        if eval_prompts is not None and eval_prompts <= 0:
+            raise ValueError(f"eval.eval_prompts must be > 0 or null, got {eval_prompts}")
+        self.eval_prompts = eval_prompts
         if best_metric not in BEST_METRICS:
             raise ValueError(f"eval.best_metric must be one of {', '.join(BEST_METRICS)}, got {best_metric!r}")
         self.stage_dir = Path(stage_dir)
@@ -88,7 +94,7 @@ class HeldOutEval(pl.Callback):
             return
         t0 = time.perf_counter()
         with trainer.precision_plugin.forward_context():
-            m = evaluate_policy(pl_module, self._loader, pl_module.cfg.eval_prompts)
+            m = evaluate_policy(pl_module, self._loader, self.eval_prompts or pl_module.cfg.eval_prompts)
         self.seconds += time.perf_counter() - t0
         row = {"step": step, **m}
         self.points.append(row)

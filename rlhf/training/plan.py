@@ -195,6 +195,9 @@ def check_eval(cfg: DictConfig) -> None:
     every = ev.get("eval_every")
     if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every <= 0):
         raise ConfigError(f"eval.eval_every must be a positive integer or null, got {every!r}")
+    n = ev.get("eval_prompts")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+        raise ConfigError(f"eval.eval_prompts must be a positive integer or null, got {n!r}")
     if ev.get("best_metric", "auto") not in ("auto", "gold", "reward"):
         raise ConfigError(f"eval.best_metric must be auto, gold or reward, got {ev.get('best_metric')!r}")
     if ev.get("gold_reward_model_path"):
