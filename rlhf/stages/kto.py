@@ -81,7 +81,8 @@ class KTOModule(PreferenceModule):
     name = "kto"
     Config = KTOConfig
     title = "KTO policy"
-    description = ("KTO on the preference pairs split into desirable (chosen) and undesirable (rejected) responses: "
+    description = ("KTO on desirable and undesirable responses (the preference pairs' chosen and rejected ones, or "
+                   "the labelled rows of `kto.unpaired_path`): "
                    "each response's log-ratio to the frozen start policy is pushed above (or below) a KL reference "
                    "point estimated from mismatched prompt / completion pairs, at strength `beta`. No reward model, "
                    "no sampling during training.")
