@@ -198,7 +198,7 @@ def test_short_small_batch_run_raises_no_alarm(algo, default_sft_rm, tmp_path):
     clipfrac and approxkl used to, judged with PPO's per-token limits)."""
     run, summary = _run(algo, default_sft_rm, tmp_path, "debug=fast", f"{algo}.max_steps=12")
     assert len(pd.read_csv(run / algo / "metrics.csv")) == 12
-    assert summary["alarms"] == [], summary["alarms"]
+    assert summary["stages"][algo]["alarms"] == [], summary["stages"][algo]["alarms"]
 
 
 @pytest.mark.slow
