@@ -5,8 +5,8 @@
     python train.py eval.best_metric=reward            # pick the best by the proxy (auto: gold when known)
 
 At update 0 (the start policy), every `eval_every` updates and at the last, the policy samples one
-response per held-out prompt (the first `eval.eval_prompts` of them, or the stage's
-`eval_prompts`; the same prompts and random numbers each time, as the end-of-stage comparison,
+response per held-out prompt (the first `eval.eval_prompts` of the stage's `eval_prompts`, or
+all of them; the same prompts and random numbers each time, as the end-of-stage comparison,
 which keeps the stage's own count) and logs `eval/reward` (the proxy), `eval/gold`
 (when a gold is known), `eval/kl` (k1 to the reference, nats per sequence),
 `eval/response_length` and `eval/distinct_2` to the loggers and to `<stage>/eval.csv`, the
@@ -94,7 +94,8 @@ class HeldOutEval(pl.Callback):
             return
         t0 = time.perf_counter()
         with trainer.precision_plugin.forward_context():
-            m = evaluate_policy(pl_module, self._loader, self.eval_prompts or pl_module.cfg.eval_prompts)
+            n = min(self.eval_prompts or pl_module.cfg.eval_prompts, pl_module.cfg.eval_prompts)
+            m = evaluate_policy(pl_module, self._loader, n)
         self.seconds += time.perf_counter() - t0
         row = {"step": step, **m}
         self.points.append(row)
