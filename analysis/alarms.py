@@ -10,9 +10,10 @@ full window. Units: ``kl_divergence`` and ``entropy`` are summed per response, i
 name                   fires at the first row where ...
 =====================  ==========================================================================
 kl_spike               at row i + 1 (the row that shows it fell back): KL at row i > m + max(spike_k * s,
-                       (spike_ratio - 1) * |m|) with m the median of the w rows before i and s their
-                       robust spread (max of IQR/1.349 and the median step between rows), and KL at
-                       row i + 1 below halfway back to m. `kl_spike_mask` marks row i; the report's
+                       (spike_ratio - 1) * |m|) with m the median of the w rows before i (or of the 3
+                       before it, if higher: a rising KL) and s the w rows' robust spread (max of
+                       IQR/1.349 and the median step between rows), and KL at row i + 1 below
+                       halfway back to m. `kl_spike_mask` marks row i; the report's
                        `kl_spike_count` counts the same rows
 kl_growth              the OLS slope of ln KL over the last 2w rows is >= growth_rate per row with
                        t >= growth_t, and exceeds by >= growth_rate (and growth_t standard errors) the
@@ -146,13 +147,21 @@ def _first_finite(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _level(kl: np.ndarray, w: int) -> np.ndarray:
+    """The KL level before each row: the previous w rows' median, or the previous 3 rows' when higher
+    (a rising KL); NaN until w rows precede."""
+    window = _roll(kl, w).median().shift(1).to_numpy()
+    return np.where(np.isnan(window), np.nan, np.fmax(window, _roll(kl, 3).median().shift(1).to_numpy()))
+
+
 def kl_spike_mask(kl: np.ndarray, t: "Thresholds | None" = None) -> np.ndarray:
     """Rows whose KL jumped far above the previous window and fell back at the next row (the
     `kl_spike` rule, module docstring); the one spike rule of the alarms and the report."""
     t = t or Thresholds()
     kl = np.where(np.isfinite(kl), kl, np.nan)
     prev = _roll(kl, t.window)
-    med = prev.median().shift(1).to_numpy()
+    # The level a jump is measured from (`_level`): while KL rises the window's median lags it.
+    med = _level(kl, t.window)
     iqr = (prev.quantile(0.75) - prev.quantile(0.25)).shift(1).to_numpy()
     step = pd.Series(np.abs(np.diff(kl, prepend=np.nan))).rolling(t.window - 1, min_periods=t.window - 1)
     spread = np.fmax(iqr / IQR_TO_SIGMA, step.median().shift(1).to_numpy())
@@ -167,9 +176,9 @@ def _kl_spike(c, t):
     mask = kl_spike_mask(kl, t)
     fire = np.append(False, mask[:-1])  # known at the row after the spike
     peak = np.append(np.nan, kl[:-1])
-    med = np.append(np.nan, _roll(kl, t.window).median().shift(1).to_numpy()[:-1])
+    med = np.append(np.nan, _level(kl, t.window)[:-1])
     return peak, med, fire, lambda v, th, s: (
-        f"KL {v:.3g} at step {s - 1} jumped above its previous {t.window} steps (median {th:.3g}) by more than "
+        f"KL {v:.3g} at step {s - 1} jumped above its level before (median {th:.3g}) by more than "
         f"{t.spike_k:g} robust SDs and x{t.spike_ratio:g}, and fell back at step {s}")
 
 

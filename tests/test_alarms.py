@@ -279,3 +279,16 @@ def test_few_rows_constant_or_zero_kl_give_skip_lines():
         assert alarms == [], alarms
         assert {f"kl_spike skipped: kl_divergence is constant ({value:g})",
                 f"kl_growth skipped: kl_divergence is constant ({value:g})"} <= set(skipped)
+
+
+def test_kl_spike_on_real_rising_kl():
+    """The first 20 updates of two real runs (the 2026-12-05 algorithms sweep): RLOO seed 1 while KL
+    still rises (2.58 against a window median near 0.5 but a level near 1.3) is no spike; CISPO seed
+    1's single batch at 10.7 nats against a level near 1.4 is, confirmed at the next update."""
+    rloo = [0.0, 0.11, 0.19, 0.25, 0.38, 0.6, 0.68, 0.42, 0.6, 1.34, 1.41, 2.58, 1.25, 2.52, 1.19, 0.99, 1.38,
+            1.57, 0.93, 1.53]
+    cispo = [0.0, 0.28, 0.68, 1.94, 0.63, 0.54, 0.78, 0.84, 1.42, 2.89, 10.71, 1.15, 0.58, 0.82, 1.51, 1.96,
+             1.14, 1.35, 1.55, 1.64]
+    for kl, expected in ((rloo, []), (cispo, [("kl_spike", 12)])):
+        df = pd.DataFrame({"step": np.arange(1, 21), "policy_loss": 0.0, "reward_score": 0.0, "kl_divergence": kl})
+        assert [(a.name, a.step) for a in detect(df)[0]] == expected
