@@ -268,21 +268,19 @@ def _length_hacking(c, t):
         f"grew >= {1 + t.hacking_rise:g} x its start, at step {s}: reward may be bought with length")
 
 
-def _high(col, limit, what):
-    """Median of `col` over w against its limit; the `<col>_seq` column (per response) with the
-    sequence limits: clipfrac_seq_max, approxkl per token (divided by the mean response length)."""
+def _high(col, limit, what, seq_limit=None):
+    """Median of `col` over w against `limit`; the `<col>_seq` column (per response) against
+    `seq_limit`, or without one per token (divided by the window's mean response length) against `limit`."""
     def det(c, t):
-        seq = f"{col}_seq" in c
-        v = _roll(c[f"{col}_seq" if seq else col], t.window).median().to_numpy()
-        level = "per token"
-        if seq and col == "approxkl":
+        lim, level = getattr(t, limit), "per token"
+        if f"{col}_seq" not in c:
+            v = _roll(c[col], t.window).median().to_numpy()
+        elif seq_limit is not None:
+            v, lim, level = _roll(c[f"{col}_seq"], t.window).median().to_numpy(), getattr(t, seq_limit), "per response"
+        else:
             with np.errstate(divide="ignore", invalid="ignore"):
-                v = v / _roll(c["response_length"], t.window).mean().to_numpy()
+                v = (_roll(c[f"{col}_seq"], t.window).median() / _roll(c["response_length"], t.window).mean()).to_numpy()
             level = "per response / mean length"
-        elif seq:
-            limit_ = f"{limit[:-4]}_seq_max"
-            level = "per response"
-        lim = getattr(t, limit_ if seq and col != "approxkl" else limit)
         return v, np.full_like(v, lim), v >= lim, lambda v, th, s: (
             f"median {col} ({level}) over {t.window} steps is {v:.3g} at step {s} (>= {th:g}): {what}")
     return det
@@ -306,7 +304,7 @@ DETECTORS = (  # name, required columns, detector
     ("length_drift", ("response_length",), _length_drift),
     ("length_hacking", ("reward_score", "response_length"), _length_hacking),
     ("clipfrac_high", (("clipfrac", "clipfrac_seq"),),
-     _high("clipfrac", "clipfrac_max", "updates keep leaving the clip range")),
+     _high("clipfrac", "clipfrac_max", "updates keep leaving the clip range", seq_limit="clipfrac_seq_max")),
     ("approxkl_high", (("approxkl", ("approxkl_seq", "response_length")),),
      _high("approxkl", "approxkl_max", "each update moves the policy too far")),
     ("value_loss_divergence", ("value_loss",), _value_loss),
