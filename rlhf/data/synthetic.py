@@ -119,8 +119,8 @@ def gold_reward_batch(prompts: list[str], responses: list[str]) -> list[float]:
     return [gold_reward(p, r) for p, r in zip(prompts, responses)]
 
 
-def _response(rng: random.Random, topic: str) -> str:
-    """4-10 words mixing on-topic/other-topic/polite/rude/filler with random per-response weights.
+def _response(rng: random.Random, topic: str, words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)) -> str:
+    """`words` (4-10 by default) words mixing on-topic/other-topic/polite/rude/filler with random per-response weights.
 
     Dirichlet(0.6) weights make most responses lean to one or two categories, so scores spread
     from clearly bad to clearly good instead of clustering at the average.
@@ -128,7 +128,7 @@ def _response(rng: random.Random, topic: str) -> str:
     others = [w for t, ws in TOPICS.items() if t != topic for w in ws]
     pools = (TOPICS[topic], POLITE, tuple(others), RUDE, FILLER)
     weights = [rng.gammavariate(0.6, 1.0) + 1e-6 for _ in pools]
-    n = rng.randint(MIN_WORDS, MAX_WORDS)
+    n = rng.randint(*words)
     return "".join(rng.choice(pool) for pool in rng.choices(pools, weights=weights, k=n))
 
 
@@ -151,18 +151,26 @@ def _prompt(rng: random.Random, templates: tuple[str, ...]) -> str:
 
 
 def generate_pairs(n_pairs: int, seed: int | str = 0, tie_margin: float = TIE_MARGIN,
-                   templates: tuple[str, ...] = TEMPLATES) -> list[PreferencePair]:
-    """`n_pairs` pairs: two responses to one prompt, chosen = higher gold, near-ties skipped."""
+                   templates: tuple[str, ...] = TEMPLATES, length_bias: float = 0.0,
+                   words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)) -> list[PreferencePair]:
+    """`n_pairs` pairs: two responses to one prompt, chosen = higher gold, near-ties skipped.
+
+    With `length_bias` > 0 (the length_trap task), each pair's label goes to the response with more
+    words with that probability, whatever the gold says (ties in length keep the gold's label).
+    """
     rng = random.Random(seed)
     pairs: list[PreferencePair] = []
     while len(pairs) < n_pairs:
         prompt = _prompt(rng, templates)
         topic = prompt_topic(prompt)
-        a, b = _response(rng, topic), _response(rng, topic)
+        a, b = _response(rng, topic, words), _response(rng, topic, words)
         ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
         if abs(ga - gb) < tie_margin:
             continue  # a near-tie is a noisy label; skipping keeps gold labels unambiguous
         chosen, rejected = (a, b) if ga > gb else (b, a)
+        # No draw at length_bias 0: the default task's random stream, and so its pairs, stay as they were.
+        if length_bias > 0 and rng.random() < length_bias and len(_words(a)) != len(_words(b)):
+            chosen, rejected = (a, b) if len(_words(a)) > len(_words(b)) else (b, a)
         pairs.append(PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected))
     return pairs
 
@@ -198,9 +206,13 @@ class SyntheticPreferences:
                 raise ValueError(f"max_pairs must be positive, got {self.max_pairs}")
             n_train = min(n_train, self.max_pairs)  # a prefix of the same stream: the same first pairs
             n_val = min(n_val, max(1, round(self.max_pairs * self.val_fraction)))
-        train = generate_pairs(n_train, self.seed, self.tie_margin, TEMPLATES)
-        val = generate_pairs(n_val, f"{self.seed}:held-out", self.tie_margin, HELD_OUT_TEMPLATES)
+        train = self.generate(n_train, self.seed, TEMPLATES)
+        val = self.generate(n_val, f"{self.seed}:held-out", HELD_OUT_TEMPLATES)
         return PreferenceSplits(train=train, val=val, dropped=0)
+
+    def generate(self, n: int, seed: int | str, templates: tuple[str, ...]) -> list[PreferencePair]:
+        """`n` labelled pairs from `seed`'s stream (a task built on these dialogues labels them its own way)."""
+        return generate_pairs(n, seed, self.tie_margin, templates)
 
 
 def write_hh_file(path, n_pairs: int, seed: int = 0) -> int:
