@@ -165,7 +165,7 @@ def _to_number(col: pd.Series, name: str, src: Path) -> pd.Series:
 # --------------------------------------------------------------------------- held-out evaluation
 
 EVAL_FILE = "eval.csv"
-EVAL_COLUMNS = ("step", "kl", "reward", "gold", "response_length", "distinct_2")
+EVAL_COLUMNS = ("step", "kl", "reward", "gold", "response_length", "distinct_2", "accuracy")
 
 
 def find_eval(path: str | Path) -> Path | None:

@@ -9,7 +9,8 @@ response per held-out prompt (the first `eval.eval_prompts` of the stage's `eval
 all of them; the same prompts and random numbers each time, as the end-of-stage comparison,
 which keeps the stage's own count) and logs `eval/reward` (the proxy), `eval/gold`
 (when a gold is known), `eval/kl` (k1 to the reference, nats per sequence),
-`eval/response_length` and `eval/distinct_2` to the loggers and to `<stage>/eval.csv`, the
+`eval/response_length`, `eval/distinct_2` and, on a verifiable task (`data=arithmetic`),
+`eval/accuracy` (greedy decoding, the verifier's verdict) to the loggers and to `<stage>/eval.csv`, the
 points `python -m analysis` draws reward over-optimisation from. A better `best_metric` than
 every earlier point exports the policy to `<stage>/best_model`; the stage's results (and
 summary.json) get `best_step`, `best_metric` and `best_model_dir`.
@@ -29,6 +30,7 @@ import pytorch_lightning as pl
 log = logging.getLogger(__name__)
 
 COLUMNS = ["step", "kl", "reward", "gold", "response_length", "distinct_2"]
+VERIFIED_COLUMNS = COLUMNS + ["accuracy"]  # a verifiable task's eval.csv
 BEST_METRICS = ("auto", "gold", "reward")
 
 
@@ -47,6 +49,7 @@ class HeldOutEval(pl.Callback):
         self.best: dict | None = None  # {"step", "name", "value"}
         self.points: list[dict] = []
         self._loader = None
+        self.columns = COLUMNS
         self.seconds = 0.0  # spent evaluating (inside the stage's fit_seconds)
 
     @property
@@ -63,6 +66,7 @@ class HeldOutEval(pl.Callback):
 
         pl_module.ensure_reference()
         self._loader = eval_loader(pl_module, trainer.datamodule)
+        self.columns = VERIFIED_COLUMNS if getattr(pl_module, "verify", None) is not None else COLUMNS
         done = trainer.fit_loop.epoch_loop._batches_that_stepped
         if done == 0:
             if trainer.global_rank == 0 and self.csv_path.exists():
@@ -74,7 +78,7 @@ class HeldOutEval(pl.Callback):
             if trainer.global_rank == 0:  # points written after the checkpoint come again
                 tmp = self.csv_path.with_suffix(".csv.tmp")
                 with tmp.open("w", newline="") as f:
-                    w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+                    w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
                     w.writeheader()
                     w.writerows(self.points)
                 os.replace(tmp, self.csv_path)
@@ -118,10 +122,10 @@ class HeldOutEval(pl.Callback):
         new = not self.csv_path.exists()
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         with self.csv_path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 w.writeheader()
-            w.writerow({k: row.get(k, "") for k in COLUMNS})
+            w.writerow({k: row.get(k, "") for k in self.columns})
 
     def _export_best(self, pl_module) -> None:
         """Written beside, then swapped in: a run killed mid-export keeps the previous best whole."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # The marker that ends every prompt; responses are the text after it.
 ASSISTANT = "\n\nAssistant:"
@@ -52,6 +53,23 @@ class PreferenceSplits:
     val: list[PreferencePair] = field(default_factory=list)
     dropped: int = 0
     unpaired: list[UnpairedExample] | None = None
+
+
+class Task(Protocol):
+    """What the `data` config's `_target_` provides: a task is data plus its ground truth.
+
+    Required: `load()`, the training pairs and held-out pairs whose prompts never occur among the
+    training prompts (`PreferenceSplits`); SFT learns from the chosen responses, the reward model and
+    the preference family from the pairs, the online stages from the prompts. Optional class
+    attributes, each picked up by the pipeline when present:
+      gold(prompt, response) -> float        the true score (evaluation's gold reward and win rate)
+      verify(prompt, response) -> bool       an exact check: greedy accuracy, pass@k, eval/accuracy
+      reward_fn: str                         dotted path of the online stages' reward when the user
+                                             names none (no reward model is trained then)
+    A new task is one module and one `conf/data/<name>.yaml`; every algorithm runs on it unchanged.
+    """
+
+    def load(self) -> PreferenceSplits: ...
 
 
 def split_train_val(

@@ -156,7 +156,17 @@ def _data_description(data: dict) -> str:
         return ("synthetic HH-format dialogues whose preferences come from a known gold function "
                 f"(`rlhf.data.SyntheticPreferences`{': ' + extra if extra else ''})")
     target = data.get("_target_")
-    return f"`{target}`" if target else "not recorded"
+    if not target:
+        return "not recorded"
+    try:  # any other task describes itself: its class's first docstring line and its settings
+        import importlib
+
+        module, _, name = target.rpartition(".")
+        doc = (getattr(importlib.import_module(module), name).__doc__ or "").strip().splitlines()[0].rstrip(".")
+    except Exception:
+        doc = ""
+    extra = ", ".join(f"{k}={v}" for k, v in data.items() if k != "_target_" and isinstance(v, (int, float, str)))
+    return f"{doc + ' ' if doc else ''}(`{target}`{': ' + extra if extra else ''})"
 
 
 def _initialised_from(stage: str, stage_cfg: dict, reward: dict) -> str:

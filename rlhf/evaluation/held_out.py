@@ -1,5 +1,6 @@
-"""Sampling a policy on held-out prompts: per-sequence log-probs and KL, rollouts, and the
-comparison of a policy stage's policy against its start at the end of the stage.
+"""Sampling a policy on held-out prompts: per-sequence log-probs and KL, rollouts, the comparison of
+a policy stage's policy against its start at the end of the stage, and, on a verifiable task (a data
+source with `verify`), greedy accuracy and pass@k.
 """
 from __future__ import annotations
 
@@ -140,18 +141,74 @@ def _sample_held_out(module, policy, loader, n: int) -> dict:
         return _collect(module, policy, loader, n)
 
 
+def _decode(module, policy, loader, n: int, temperature: float, samples: int = 1) -> tuple[list[str], list[list[str]]]:
+    """The first `n` held-out prompts and `samples` responses to each at `temperature` (0: greedy), from
+    a fixed seed with the caller's random state restored, as `_sample_held_out`."""
+    import torch
+
+    from rlhf.algorithms.core import truncate_after_stop
+    from rlhf.models.sampling import sample
+
+    tok, prompts, texts = module.tokenizer, [], []
+    devices = [module.device.index or 0] if module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(1234)
+        for batch in loader:
+            q = batch["input_ids"].to(module.device).repeat_interleave(samples, 0)
+            qm = batch["attention_mask"].to(module.device).repeat_interleave(samples, 0)
+            resp, _ = sample(policy, q, qm, module.cfg.response_length, temperature, tok.pad_token_id, module.stop_id)
+            resp, rmask, _ = truncate_after_stop(resp, module.stop_id, tok.pad_token_id)
+            out = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
+            prompts += list(batch["prompt"])
+            texts += [out[i:i + samples] for i in range(0, len(out), samples)]
+            if len(prompts) >= n:
+                break
+    return prompts[:n], texts[:n]
+
+
+def greedy_accuracy(module, policy, loader, n: int) -> float:
+    """Share of the first `n` held-out prompts whose greedy response the task's verifier accepts."""
+    prompts, texts = _decode(module, policy, loader, n, 0.0)
+    return mean([float(bool(module.verify(p, t[0]))) for p, t in zip(prompts, texts)])
+
+
+def verified_comparison(module, dm, n: int, num_samples: int, temperature: float, ks) -> dict:
+    """A verifiable task's measures of a policy stage's policy against its start on `n` held-out
+    prompts: greedy accuracy (`accuracy_before`, `accuracy_after`) and `pass_at_k`
+    ({"before": {k: ...}, "after": {k: ...}}, the unbiased estimator over `num_samples` samples per
+    prompt at `temperature`, for each k <= num_samples)."""
+    from rlhf.evaluation.metrics import pass_at_k
+    from rlhf.models.lora import reference_policy
+
+    was_training = module.policy.training
+    module.policy.eval()
+    loader = eval_loader(module, dm)
+    result: dict = {"pass_at_k": {}}
+    with reference_policy(module.policy, module.ref_policy) as ref_policy:
+        for when, policy in (("before", ref_policy), ("after", module.policy)):
+            result[f"accuracy_{when}"] = greedy_accuracy(module, policy, loader, n)
+            prompts, texts = _decode(module, policy, loader, n, temperature, num_samples)
+            correct = [sum(bool(module.verify(p, t)) for t in ts) for p, ts in zip(prompts, texts)]
+            result["pass_at_k"][when] = {k: mean([pass_at_k(num_samples, c, k) for c in correct])
+                                         for k in ks if k <= num_samples}
+    module.policy.train(was_training)
+    return result
+
+
 def evaluate_policy(module, loader, n: int) -> dict:
     """The current policy on `n` held-out prompts: reward (the proxy, when the stage has one), gold (when
     known), KL to the reference (k1, nats per sequence), response length, distinct-2."""
     was_training = module.policy.training
     module.policy.eval()
     out = _sample_held_out(module, module.policy, loader, n)
-    module.policy.train(was_training)
     m = {"kl": mean(out["kl"]), "response_length": mean(out["length"]), "distinct_2": distinct_n(out["texts"], 2)}
     if out["scores"]:
         m["reward"] = mean(out["scores"])
     if module.gold is not None:
         m["gold"] = mean(gold_scores(module.gold, out["prompts"], out["texts"]))
+    if getattr(module, "verify", None) is not None:  # a verifiable task: greedy accuracy besides the samples
+        m["accuracy"] = greedy_accuracy(module, module.policy, loader, n)
+    module.policy.train(was_training)
     return m
 
 

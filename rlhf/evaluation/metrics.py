@@ -1,4 +1,4 @@
-"""Evaluation measures on plain Python values: win rate, distinct-n, means."""
+"""Evaluation measures on plain Python values: win rate, distinct-n, means, pass@k."""
 from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
@@ -33,3 +33,17 @@ def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
 
 def mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of pass@k from `n` samples of which `c` are correct (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code", eq. 1): 1 - C(n - c, k) / C(n, k), computed as
+    1 - prod_{i = n - c + 1}^{n} (1 - k / i) for numerical stability, as their reference code."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod

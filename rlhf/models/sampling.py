@@ -44,7 +44,7 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     """Sample `response_length` tokens per left-padded prompt; returns (responses [B,R], logits [B,R,V]).
 
     Pure sampling from softmax(logits / temperature), as PPO's ratio assumes the policy is the
-    sampler. A KV-cached loop rather than `generate`: the prefill computes LM-head logits for the
+    sampler; `temperature` 0 decodes greedily (evaluation only: the logits are then untempered). A KV-cached loop rather than `generate`: the prefill computes LM-head logits for the
     last prompt token only, and tokens are drawn by inverse CDF (one uniform per row), which on
     CPU is ~25x cheaper than `torch.multinomial` over a 50k vocabulary. Rows past their stop
     token get `pad_token_id`; when every row has stopped the rest is padding with zero logits.
@@ -67,12 +67,15 @@ def _sample(policy, input_ids, attention_mask, response_length, temperature, pad
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for t in range(response_length):
         step_logits = head_fp32(head, out.last_hidden_state[:, -1])
-        probs = torch.softmax(step_logits / temperature, -1)
-        cdf = probs.cumsum(-1)
-        # u in (0, total]: torch.rand can return exactly 0, and searchsorted would then pick the first
-        # token even at probability 0 (cdf 0 >= 0). With u > 0 only a token with mass can be drawn.
-        u = (1.0 - torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype, generator=generator)) * cdf[:, -1:]
-        tok = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+        if temperature == 0:  # greedy decoding (evaluation's accuracy), no draw
+            tok = step_logits.argmax(-1)
+        else:
+            probs = torch.softmax(step_logits / temperature, -1)
+            cdf = probs.cumsum(-1)
+            # u in (0, total]: torch.rand can return exactly 0, and searchsorted would then pick the first
+            # token even at probability 0 (cdf 0 >= 0). With u > 0 only a token with mass can be drawn.
+            u = (1.0 - torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype, generator=generator)) * cdf[:, -1:]
+            tok = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
         tok = torch.where(done, pad_token_id, tok)
         tokens.append(tok)
         logits.append(step_logits)

@@ -26,6 +26,7 @@ class Inputs:
     reward_model_weight: float = 1.0  # the reward model's weight beside reward functions
     pad_token_id: int = 50256
     gold: Callable[[str, str], float] | None = None  # ground truth (prompt, response) -> float, when known
+    verify: Callable[[str, str], bool] | None = None  # a verifiable task's exact check: accuracy and pass@k
     extra: dict = field(default_factory=dict)
 
 

@@ -82,7 +82,7 @@ class OnlineRLModule(OnlineUpdate, Stage):
         self.reward_fns = inputs.reward_fns
         self.reward_model_weight = inputs.reward_model_weight
         self.reward_init = inputs.reward_model
-        self.gold = inputs.gold
+        self.gold, self.verify = inputs.gold, inputs.verify
         self.stop_id = self.tokenizer.eos_token_id if cfg.stop_token == "eos" else None
         if cfg.value_model == "separate":
             # Initialised from the reward model (N+ details), which must read the policy's tokens;

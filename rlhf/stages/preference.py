@@ -107,7 +107,7 @@ class PreferenceModule(Stage):
         keep = same and not model.lora and (self.uses_reference or self.start_path is None)
         self.ref_policy = freeze(copy.deepcopy(self.policy)) if keep else None
         self.stop_id = self.tokenizer.eos_token_id if cfg.stop_token == "eos" else None
-        self.gold = inputs.gold
+        self.gold, self.verify = inputs.gold, inputs.verify
         self.score = None  # no reward model: the evaluation reports gold and KL only
         # [n_train, 2] reference (chosen, rejected) summed log-probs by pair index ([n_train, 1] for unpaired
         # examples); filled once in on_fit_start.

@@ -27,15 +27,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.utilities.model_helpers import is_overridden
 
 from rlhf.data.pairs import prompt_overlap
-from rlhf.errors import UserError
+from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.gold import resolve_gold
 from rlhf.deploy.model_card import write_model_card
 from rlhf.training.memory import keep_freed_memory, peak_rss_mb
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages import Inputs, get_stage
-from rlhf.training.plan import RewardPlan, apply_every_stage, apply_root_settings, build_stage, plan_stages, preflight
+from rlhf.training.plan import (RewardPlan, apply_every_stage, apply_root_settings, apply_task_reward, build_stage,
+                                plan_stages, preflight)
 
 log = logging.getLogger(__name__)
+TASK_HEADLINE = ("accuracy_before", "accuracy_after", "pass_at_k")  # a verifiable task's, from any policy stage
 
 
 class _DropTips(logging.Filter):
@@ -78,6 +80,26 @@ def _instantiate_dict(node) -> list:
     return [instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
 
 
+def load_task(data_cfg: DictConfig):
+    """The task (the `data` config's `_target_`) and its splits; a setting it refuses is one ConfigError
+    naming it (a data file's own problems stay DataErrors naming file and line)."""
+    from hydra.errors import InstantiationException
+
+    from rlhf.data.pairs import DataError
+
+    try:
+        source = instantiate(data_cfg)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"data ({data_cfg.get('_target_')}): {cause}") from None
+    try:
+        return source, source.load()
+    except DataError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"data ({data_cfg.get('_target_')}): {e}") from None
+
+
 def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, artifacts: dict, run_dir: Path,
               resuming: bool = False, reward: RewardPlan | None = None, gold=None) -> dict:
     from rlhf.data import PreferenceDataModule
@@ -92,7 +114,7 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     dm = PreferenceDataModule(splits, tokenizer, mode, getattr(conf, "loader_batch_size", conf.batch_size),
                               conf.max_prompt_length, conf.max_response_length, seed=cfg.seed)
     inputs = Inputs(policy=getattr(conf, "policy_path", None) or artifacts.get("policy"),
-                    pad_token_id=tokenizer.pad_token_id, gold=gold)
+                    pad_token_id=tokenizer.pad_token_id, gold=gold, verify=getattr(source, "verify", None))
     if "reward" in cls.needs and reward is not None:
         inputs.reward_model = reward.spec.model_path or (artifacts.get("reward") if reward.spec.use_rm_stage else None)
         inputs.reward_fns, inputs.reward_model_weight = reward.fns, reward.spec.model_weight
@@ -124,6 +146,8 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
     fit_seconds = time.perf_counter() - t0
     mismatch = rank_weight_mismatch(trainer, module)
     result = module.finish(dm, stage_dir, tokenizer, source) if trainer.global_rank == 0 else {}
+    if trainer.global_rank == 0 and cls.evaluates_policy and getattr(module, "verify", None) is not None:
+        result.update(verified_eval(module, dm, cfg.get("eval") or {}, trainer))
     for cb in trainer.callbacks:  # held-out evaluation (best policy), health alarms
         if trainer.global_rank == 0 and hasattr(cb, "summary"):
             result.update(cb.summary())
@@ -149,6 +173,15 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
         if type(lg).__name__ == "WandbLogger":
             lg.experiment.finish()  # the next stage starts its own W&B run instead of appending to this one
     return result
+
+
+def verified_eval(module, dm, ev, trainer) -> dict:
+    """On a verifiable task: greedy accuracy and pass@k of the stage's start and its result (eval.*)."""
+    from rlhf.evaluation.held_out import verified_comparison
+
+    with trainer.precision_plugin.forward_context():
+        return verified_comparison(module, dm, module.cfg.eval_prompts, ev.get("num_samples", 8),
+                                   ev.get("temperature", 1.0), list(ev.get("pass_k", (1, 4, 8))))
 
 
 def _cuda_memory_reset() -> bool:
@@ -201,6 +234,7 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     resuming = bool(cfg.get("resume"))
     apply_every_stage(cfg)  # a no-op when train.py (or a test's compose) applied it under the command line
+    apply_task_reward(cfg)  # a verifiable task's verifier, unless the user named a reward
     plan = plan_stages(cfg)
     apply_root_settings(cfg)
     confs, reward = preflight(cfg, plan, run_dir, resuming)
@@ -210,8 +244,7 @@ def train(cfg: DictConfig) -> dict:
     OmegaConf.save(saved, run_dir / "config.yaml")
     config = OmegaConf.to_container(cfg, resolve=True)  # the same dict, for the model cards
     config["plan"] = plan
-    source = instantiate(cfg.data)
-    splits = source.load()  # reads and validates every data file before any model exists
+    source, splits = load_task(cfg.data)  # reads and validates every data file before any model exists
     gold = resolve_gold(cfg.get("eval"), source)  # the data's gold, or eval.gold_reward_model_path
     overlap = prompt_overlap(splits)
     if overlap["eval_prompts_in_train"]:  # every source splits by prompt; a custom one might not
@@ -247,7 +280,7 @@ def train(cfg: DictConfig) -> dict:
             summary.setdefault("alarms", []).append({"stage": stage, **alarm})
         if result.get("stopped_by_alarm"):
             summary["stopped"] = {"stage": stage, **result["stopped_by_alarm"]}
-        summary.update({k: v for k, v in result.items() if k in get_stage(stage).headline})
+        summary.update({k: v for k, v in result.items() if k in get_stage(stage).headline + TASK_HEADLINE})
         # What a sweep compares across algorithms beside the results: the run's memory high-water mark.
         summary["peak_rss_mb"] = max(r.get("peak_rss_mb") or 0 for r in summary["stages"].values())
         summary["seconds"] = round(time.time() - start, 1)

@@ -89,6 +89,26 @@ def apply_every_stage(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         cfg.every_stage = None
 
 
+def apply_task_reward(cfg: DictConfig) -> None:
+    """A task whose data class declares `reward_fn` (a dotted path: arithmetic's verifier) rewards the online
+    stages with it when the user names no reward source, so no reward model is trained; `reward.fn` or
+    `reward.model_path` on the command line replace it."""
+    import importlib
+
+    target = OmegaConf.select(cfg, "data._target_")
+    rc = cfg.get("reward")
+    if not target or rc is None or rc.get("fn") is not None or rc.get("model_path") is not None:
+        return
+    try:
+        module, _, name = str(target).rpartition(".")
+        default = getattr(getattr(importlib.import_module(module), name), "reward_fn", None)
+    except Exception as e:  # an unimportable _target_: one line, before anything is built
+        raise ConfigError(f"data._target_={target}: cannot be imported ({e})") from None
+    if default:
+        with open_dict(cfg):
+            cfg.reward.fn = default
+
+
 def _reward_config(cfg: DictConfig):
     return cfg.get("reward") or RewardConfig()
 
@@ -198,6 +218,15 @@ def check_eval(cfg: DictConfig) -> None:
     n = ev.get("eval_prompts")
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
         raise ConfigError(f"eval.eval_prompts must be a positive integer or null, got {n!r}")
+    samples = ev.get("num_samples", 8)
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples <= 0:
+        raise ConfigError(f"eval.num_samples must be a positive integer, got {samples!r}")
+    temperature = ev.get("temperature", 1.0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ConfigError(f"eval.temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    ks = ev.get("pass_k", [1])
+    if not ks or any(isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= samples for k in ks):
+        raise ConfigError(f"eval.pass_k must be a list of integers in [1, eval.num_samples={samples}], got {list(ks)}")
     if ev.get("best_metric", "auto") not in ("auto", "gold", "reward"):
         raise ConfigError(f"eval.best_metric must be auto, gold or reward, got {ev.get('best_metric')!r}")
     if ev.get("gold_reward_model_path"):

@@ -1,0 +1,184 @@
+"""Tasks beyond the default dialogues: verifiable arithmetic (verifier, held-out problems, accuracy,
+pass@k) and the length trap (labels that favour longer responses)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+
+from rlhf.data.arithmetic import Arithmetic, correct, evaluate, extract_answer, problem_of, verify
+from rlhf.data.length_trap import LengthTrap
+from rlhf.data.synthetic import SyntheticPreferences, _words, gold_reward
+from rlhf.evaluation.metrics import pass_at_k
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----- pass@k -----
+
+def _pass_at_k_by_counting(n: int, c: int, k: int) -> float:
+    """Share of the k-subsets of n samples (c correct) holding at least one correct one, by enumeration."""
+    samples = [True] * c + [False] * (n - c)
+    subsets = list(combinations(range(n), k))
+    return sum(any(samples[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n,c,k", [(8, 0, 1), (8, 1, 1), (8, 3, 4), (8, 5, 8), (6, 2, 3), (8, 8, 4), (5, 1, 5)])
+def test_pass_at_k_is_the_share_of_k_subsets_with_a_correct_sample(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(_pass_at_k_by_counting(n, c, k), abs=1e-12)
+
+
+def test_pass_at_1_is_the_share_correct_and_bad_arguments_are_refused():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    for n, c, k in [(4, 5, 1), (4, 2, 5), (4, 2, 0), (4, -1, 1)]:
+        with pytest.raises(ValueError, match="pass_at_k"):
+            pass_at_k(n, c, k)
+
+
+# ----- arithmetic -----
+
+def test_expressions_follow_precedence_and_answers_are_the_last_number():
+    assert evaluate("2 + 3 * 4 - 5") == 9
+    assert evaluate("7 - 2 - 1") == 4
+    assert evaluate("3 * 4 * 2 + 1") == 25
+    assert evaluate("10 - 4 * 3") == -2
+    assert extract_answer(" 3 + 4 = 7") == 7
+    assert extract_answer(" the answer is -12.") == -12
+    assert extract_answer(" 1,024") == 1024
+    assert extract_answer(" none") is None
+    prompt = "\n\nHuman: What is 9 * 9?\n\nAssistant: 81\n\nHuman: And 6 - 8?\n\nAssistant:"
+    assert problem_of(prompt) == "6 - 8"  # the last human turn's problem, not an earlier one
+    assert verify(prompt, " -2") and not verify(prompt, " 81") and not verify(prompt, " ")
+    assert correct([prompt, prompt], [" 6 - 8 = -2", " 2"]) == [1.0, 0.0]
+    assert not verify("\n\nHuman: hello\n\nAssistant:", " 3")
+
+
+@pytest.mark.parametrize("settings", [{}, {"digits": 2, "operators": 2, "answer_style": "worked"}])
+def test_held_out_problems_never_occur_in_training_and_labels_are_the_verifier(settings):
+    task = Arithmetic(n_pairs=600, seed=3, **settings)
+    splits = task.load()
+    train = {problem_of(p.prompt) for p in splits.train}
+    val = {problem_of(p.prompt) for p in splits.val}
+    assert train and val and not train & val
+    assert len({p.prompt for p in splits.val}) == len(splits.val)  # held-out prompts do not repeat
+    for p in splits.train + splits.val:
+        assert p.prompt.endswith("\n\nAssistant:")
+        assert verify(p.prompt, p.chosen) and not verify(p.prompt, p.rejected)
+        assert task.gold(p.prompt, p.chosen) == 1.0 and task.gold(p.prompt, p.rejected) == 0.0
+        if settings.get("answer_style") == "worked":
+            assert p.chosen.startswith(" " + problem_of(p.prompt) + " = ")
+    assert Arithmetic(n_pairs=600, seed=3, **settings).load() == splits  # the seed decides everything
+    assert Arithmetic(n_pairs=600, seed=4, **settings).load().train != splits.train
+
+
+@pytest.mark.parametrize("bad,match", [({"digits": 0}, "digits"), ({"ops": "+/"}, "ops"),
+                                       ({"answer_style": "essay"}, "answer_style"), ({"val_fraction": 0}, "val_fraction")])
+def test_bad_arithmetic_settings_are_one_line_errors_before_any_model(tmp_path, bad, match):
+    key, value = next(iter(bad.items()))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train.py", "data=arithmetic", f"data.{key}={value}", "algo=grpo",
+                           f"hydra.run.dir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: data (rlhf.data.arithmetic.Arithmetic):") and match in lines[-1]
+    assert "Traceback" not in proc.stderr and not run.exists()
+
+
+def test_arithmetic_grpo_uses_the_verifier_and_reports_accuracy_and_pass_at_k(tmp_path, compose_cfg):
+    from rlhf.training.pipeline import train
+
+    cfg = compose_cfg(tmp_path / "run", "data=arithmetic", "algo=grpo", "debug=fast", "eval.num_samples=4",
+                      "eval.pass_k=[1,4]", "eval.eval_every=2", "grpo.max_steps=2")
+    summary = train(cfg)
+    assert summary["plan"] == ["sft", "grpo"]  # the verifier is the reward: no reward model is trained
+    for key in ("accuracy_before", "accuracy_after"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert set(summary["pass_at_k"]) == {"before", "after"}
+    for when in ("before", "after"):
+        assert [int(k) for k in summary["pass_at_k"][when]] == [1, 4]
+        p1, p4 = summary["pass_at_k"][when][1], summary["pass_at_k"][when][4]
+        assert 0.0 <= p1 <= p4 <= 1.0
+    eval_csv = (tmp_path / "run" / "grpo" / "eval.csv").read_text().splitlines()
+    assert eval_csv[0].split(",")[-1] == "accuracy" and len(eval_csv) == 3  # updates 0 and 2
+    assert all(row.split(",")[-1] != "" for row in eval_csv[1:])
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "fn: rlhf.data.arithmetic.correct" in saved
+
+
+def test_a_users_reward_or_reward_model_replaces_the_verifier(tmp_path, compose_cfg):
+    from rlhf.training.plan import apply_task_reward, plan_stages
+
+    cfg = compose_cfg(tmp_path / "a", "data=arithmetic", "algo=grpo", "reward.fn=my_module.my_verifier")
+    apply_task_reward(cfg)
+    assert cfg.reward.fn == "my_module.my_verifier"
+    cfg = compose_cfg(tmp_path / "b", "data=arithmetic", "algo=grpo", "reward.model_path=/some/rm")
+    apply_task_reward(cfg)
+    assert cfg.reward.fn is None and plan_stages(cfg) == ["sft", "grpo"]
+    cfg = compose_cfg(tmp_path / "c", "algo=grpo")  # the default task has no verifier: a reward model is trained
+    apply_task_reward(cfg)
+    assert cfg.reward.fn is None and plan_stages(cfg) == ["sft", "rm", "grpo"]
+
+
+def test_bad_eval_sampling_settings_are_refused(tmp_path, compose_cfg):
+    from rlhf.errors import ConfigError
+    from rlhf.training.plan import check_eval
+
+    for override, match in [("eval.num_samples=0", "num_samples"), ("eval.temperature=-1", "temperature"),
+                            ("eval.pass_k=[1,16]", "pass_k")]:
+        with pytest.raises(ConfigError, match=match):
+            check_eval(compose_cfg(tmp_path, override))
+
+
+# ----- length trap -----
+
+def test_length_trap_labels_favour_longer_responses_and_the_default_task_does_not():
+    plain = SyntheticPreferences(n_pairs=2000, seed=5).load().train
+    trap = LengthTrap(n_pairs=2000, seed=5).load().train
+
+    def shares(pairs):
+        longer = sum(len(_words(p.chosen)) > len(_words(p.rejected)) for p in pairs) / len(pairs)
+        gold = sum(gold_reward(p.prompt, p.chosen) > gold_reward(p.prompt, p.rejected) for p in pairs) / len(pairs)
+        return longer, gold
+
+    plain_longer, plain_gold = shares(plain)
+    trap_longer, trap_gold = shares(trap)
+    assert plain_gold == 1.0 and plain_longer < 0.5  # the gold's repeat penalty makes longer worse, if anything
+    assert trap_longer > plain_longer + 0.2 and 0.6 < trap_gold < 0.9
+    assert LengthTrap(n_pairs=2000, seed=5, length_bias=0.0).load().train != trap
+    # With no bias the labels are the gold's again.
+    unbiased = LengthTrap(n_pairs=500, seed=5, length_bias=0.0).load().train
+    assert all(gold_reward(p.prompt, p.chosen) > gold_reward(p.prompt, p.rejected) for p in unbiased)
+
+
+def test_length_trap_refuses_bad_settings():
+    with pytest.raises(ValueError, match="length_bias"):
+        LengthTrap(length_bias=1.5)
+    with pytest.raises(ValueError, match="min_words"):
+        LengthTrap(min_words=5, max_words=3)
+
+
+# ----- every task config -----
+
+TASKS = sorted(p.stem for p in (ROOT / "conf" / "data").glob("*.yaml") if p.stem != "hh_rlhf")  # hh: a file or the hub
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_config_loads_held_out_prompts_apart_from_training(task, compose_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    from rlhf.data.pairs import ASSISTANT, prompt_overlap
+
+    cfg = compose_cfg(tmp_path, f"data={task}", "data.n_pairs=400")
+    source = instantiate(cfg.data)
+    splits = source.load()
+    assert splits.train and splits.val and prompt_overlap(splits)["eval_prompts_in_train"] == 0
+    assert all(p.prompt.endswith(ASSISTANT) for p in splits.train + splits.val)
+    gold = getattr(source, "gold", None)
+    assert gold is not None  # every shipped task knows its ground truth
+    if getattr(source, "verify", None) is not None:
+        assert all(source.verify(p.prompt, p.chosen) for p in splits.val)
