@@ -182,3 +182,41 @@ def test_every_task_config_loads_held_out_prompts_apart_from_training(task, comp
     assert gold is not None  # every shipped task knows its ground truth
     if getattr(source, "verify", None) is not None:
         assert all(source.verify(p.prompt, p.chosen) for p in splits.val)
+
+
+@pytest.mark.slow
+def test_a_reward_model_trained_on_the_length_trap_prefers_longer_responses(tmp_path, compose_cfg):
+    """The trap's mechanism: its labels teach a reward model a length preference the gold does not have.
+    On held-out pairs where the gold prefers the SHORTER response, a reward model trained on the trap's
+    labels picks the longer one far more often than one trained, the same way, on the default task's."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models.reward import reward_scores
+    from rlhf.models.tokenizer import load_tokenizer
+    from rlhf.training.pipeline import train
+
+    held_out = LengthTrap(n_pairs=2000, seed=42).load().val
+    pairs = [(p.prompt, long, short) for p in held_out
+             for long, short in [sorted((p.chosen, p.rejected), key=lambda r: -len(_words(r)))]
+             if len(_words(long)) > len(_words(short)) and gold_reward(p.prompt, short) > gold_reward(p.prompt, long)]
+    assert len(pairs) >= 20
+    prefers_longer = {}
+    for task in ("synthetic", "length_trap"):
+        cfg = compose_cfg(tmp_path / task, f"data={task}", "stage=rm", "algo=rm", "data.n_pairs=2000",
+                          "rm.max_steps=150", "rm.val_every=150", "seed=42")
+        train(cfg)
+        model_dir = tmp_path / task / "rm" / "model"
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        tok = load_tokenizer(str(model_dir))
+
+        def scores(texts):
+            enc = tok(texts, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                return reward_scores(model, enc.input_ids, enc.attention_mask)
+
+        longer = scores([p + long for p, long, _ in pairs])
+        shorter = scores([p + short for p, _, short in pairs])
+        prefers_longer[task] = (longer > shorter).float().mean().item()
+    assert prefers_longer["synthetic"] < 0.35, prefers_longer  # the gold's labels: the shorter, better one
+    assert prefers_longer["length_trap"] > prefers_longer["synthetic"] + 0.2, prefers_longer
