@@ -72,6 +72,15 @@ class Task(Protocol):
     def load(self) -> PreferenceSplits: ...
 
 
+def task_class(target: str) -> type:
+    """The class a `data._target_` names (ImportError/AttributeError when it names none): read for
+    its declarations (`reward_fn`, its docstring) without building the task."""
+    import importlib
+
+    module, _, name = str(target).rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def split_train_val(
     pairs: list[PreferencePair], val_fraction: float, seed: int
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:

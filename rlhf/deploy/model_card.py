@@ -159,10 +159,9 @@ def _data_description(data: dict) -> str:
     if not target:
         return "not recorded"
     try:  # any other task describes itself: its class's first docstring line and its settings
-        import importlib
+        from rlhf.data.pairs import task_class
 
-        module, _, name = target.rpartition(".")
-        doc = (getattr(importlib.import_module(module), name).__doc__ or "").strip().splitlines()[0].rstrip(".")
+        doc = (task_class(target).__doc__ or "").strip().splitlines()[0].rstrip(".")
     except Exception:
         doc = ""
     extra = ", ".join(f"{k}={v}" for k, v in data.items() if k != "_target_" and isinstance(v, (int, float, str)))

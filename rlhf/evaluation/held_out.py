@@ -4,6 +4,8 @@ source with `verify`), greedy accuracy and pass@k.
 """
 from __future__ import annotations
 
+import contextlib
+
 from rlhf.evaluation.gold import gold_scores
 from rlhf.evaluation.metrics import distinct_n, mean, win_rate
 
@@ -129,30 +131,35 @@ def eval_loader(module, dm):
                                 dm.max_response_length).val_dataloader()
 
 
-def _sample_held_out(module, policy, loader, n: int) -> dict:
-    """`_collect` from a fixed seed (1234), restoring the caller's random state afterwards: evaluating
-    during training leaves the training's random stream as it was, and every evaluation point (and the
-    end-of-stage comparison) samples with the same random numbers."""
+@contextlib.contextmanager
+def _fixed_seed(module):
+    """Seed 1234 inside, the caller's random state restored afterwards: evaluating during training leaves
+    the training's random stream as it was, and every evaluation point (and the end-of-stage comparison)
+    samples with the same random numbers."""
     import torch
 
     devices = [module.device.index or 0] if module.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(1234)
+        yield
+
+
+def _sample_held_out(module, policy, loader, n: int) -> dict:
+    """`_collect` under `_fixed_seed`."""
+    with _fixed_seed(module):
         return _collect(module, policy, loader, n)
 
 
 def _decode(module, policy, loader, n: int, temperature: float, samples: int = 1) -> tuple[list[str], list[list[str]]]:
-    """The first `n` held-out prompts and `samples` responses to each at `temperature` (0: greedy), from
-    a fixed seed with the caller's random state restored, as `_sample_held_out`."""
+    """The first `n` held-out prompts and `samples` responses to each at `temperature` (0: greedy), under
+    `_fixed_seed`."""
     import torch
 
     from rlhf.algorithms.core import truncate_after_stop
     from rlhf.models.sampling import sample
 
     tok, prompts, texts = module.tokenizer, [], []
-    devices = [module.device.index or 0] if module.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(1234)
+    with _fixed_seed(module), torch.no_grad():
         for batch in loader:
             q = batch["input_ids"].to(module.device).repeat_interleave(samples, 0)
             qm = batch["attention_mask"].to(module.device).repeat_interleave(samples, 0)

@@ -93,15 +93,14 @@ def apply_task_reward(cfg: DictConfig) -> None:
     """A task whose data class declares `reward_fn` (a dotted path: arithmetic's verifier) rewards the online
     stages with it when the user names no reward source, so no reward model is trained; `reward.fn` or
     `reward.model_path` on the command line replace it."""
-    import importlib
+    from rlhf.data.pairs import task_class
 
     target = OmegaConf.select(cfg, "data._target_")
     rc = cfg.get("reward")
     if not target or rc is None or rc.get("fn") is not None or rc.get("model_path") is not None:
         return
     try:
-        module, _, name = str(target).rpartition(".")
-        default = getattr(getattr(importlib.import_module(module), name), "reward_fn", None)
+        default = getattr(task_class(target), "reward_fn", None)
     except Exception as e:  # an unimportable _target_: one line, before anything is built
         raise ConfigError(f"data._target_={target}: cannot be imported ({e})") from None
     if default:
