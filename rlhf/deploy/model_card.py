@@ -4,10 +4,11 @@
 
 `config` is the run's resolved config as a plain dict (what `config.yaml` holds), `metrics` the
 stage's result (`summary.json["stages"][stage]`), `eval` what `python -m rlhf.evaluation` measured.
-The card has YAML front matter the Hub reads (library_name, tags, pipeline_tag, base_model,
-datasets), then: how the model was made (stage, base model, data, the stage's hyperparameters,
-seed), the run's final metrics, the evaluation (when given) and how to load it with plain
-`transformers`. Any key may be missing from any argument: the card then says less, never fails.
+The card is a `huggingface_hub.ModelCard`: its metadata (`ModelCardData`: library_name, tags,
+pipeline_tag, base_model, datasets, language, license when the config names one) is the YAML front
+matter the Hub reads; its Markdown body says how the model was made (stage, base model, data, the
+stage's hyperparameters, seed), the run's final metrics, the evaluation (when given) and how to load it
+with plain `transformers`. Any key may be missing from any argument: the card then says less, never fails.
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
+from huggingface_hub import ModelCard, ModelCardData
 
 
 def _stage(name: str):
@@ -61,7 +61,7 @@ def write_model_card(model_dir: str | Path, stage: str, config: Mapping | None, 
 
 
 def model_card(stage: str, config: Mapping | None, metrics: Mapping | None, eval: Mapping | None = None) -> str:
-    """The card's text: YAML front matter, then Markdown."""
+    """The card's text: the metadata as YAML front matter, then Markdown."""
     config = _plain(config)
     metrics = _plain(metrics)
     model = _get(config, "model")
@@ -71,8 +71,7 @@ def model_card(stage: str, config: Mapping | None, metrics: Mapping | None, eval
     plan = (metrics or {}).get("plan") or config.get("plan")
     how = f" ({' -> '.join(plan)})" if plan else ""
 
-    return "\n".join([
-        "---", yaml.safe_dump(front_matter(stage, config), sort_keys=False).rstrip(), "---", "",
+    body = "\n".join([
         f"# {cls.title if cls else stage} ({model.get('name') or 'model'}, {_data_name(data)})", "",
         f"Trained with rlhf-lightning{how} on PyTorch Lightning and Hydra; "
         f"this is the output of the `{stage}` stage.", "",
@@ -87,21 +86,31 @@ def model_card(stage: str, config: Mapping | None, metrics: Mapping | None, eval
         "## How to load it", "",
         *_how_to_load(stage, stage_cfg), "",
     ])
+    return str(ModelCard(f"---\n{card_data(stage, config).to_yaml()}\n---\n\n{body}"))
+
+
+def card_data(stage: str, config: Mapping | None) -> ModelCardData:
+    """The metadata the Hub reads. Metrics stay in the body: they compare this model with the run's own SFT
+    policy under the run's own reward model, not a shared benchmark that `model-index` could name."""
+    config = _plain(config)
+    cls = _stage(stage)
+    base = _get(config, "model").get("name_or_path")
+    data = _get(config, "data")
+    hh = _is_hh(data)
+    return ModelCardData(
+        library_name="transformers", tags=["rlhf", stage],
+        pipeline_tag="text-classification" if cls is not None and cls.produces == "reward" else "text-generation",
+        # a Hub id; a local path is named in the card body
+        base_model=base if isinstance(base, str) and _HUB_ID.match(base) else None,
+        datasets=[data.get("path") or "Anthropic/hh-rlhf"] if hh else None,
+        language="en" if hh else None,  # the synthetic tasks are no natural language's text
+        license=config["license"] if isinstance(config.get("license"), str) else None,
+    )
 
 
 def front_matter(stage: str, config: Mapping | None) -> dict:
-    config = _plain(config)
-    cls = _stage(stage)
-    reward = cls is not None and cls.produces == "reward"
-    meta: dict[str, Any] = {"library_name": "transformers", "tags": ["rlhf", stage],
-                            "pipeline_tag": "text-classification" if reward else "text-generation"}
-    base = _get(config, "model").get("name_or_path")
-    if isinstance(base, str) and _HUB_ID.match(base):  # a Hub id; a local path is named in the card body
-        meta["base_model"] = base
-    data = _get(config, "data")
-    if _is_hh(data):
-        meta["datasets"] = [data.get("path") or "Anthropic/hh-rlhf"]
-    return meta
+    """`card_data` as the front matter's dict (unset keys left out)."""
+    return card_data(stage, config).to_dict()
 
 
 # ----- sections -----
