@@ -68,7 +68,7 @@ def model_card(stage: str, config: Mapping | None, metrics: Mapping | None, eval
     data = _get(config, "data")
     stage_cfg = _get(config, stage)
     cls = _stage(stage)
-    plan = (metrics or {}).get("plan") or config.get("plan")
+    plan = metrics.get("plan") or config.get("plan")
     how = f" ({' -> '.join(plan)})" if plan else ""
 
     body = "\n".join([
@@ -96,12 +96,11 @@ def card_data(stage: str, config: Mapping | None) -> ModelCardData:
     cls = _stage(stage)
     base = _get(config, "model").get("name_or_path")
     data = _get(config, "data")
-    hh = _is_hh(data)
+    hh = _task(data) == "HHRLHF"
     return ModelCardData(
         library_name="transformers", tags=["rlhf", stage],
         pipeline_tag="text-classification" if cls is not None and cls.produces == "reward" else "text-generation",
-        # a Hub id; a local path is named in the card body
-        base_model=base if isinstance(base, str) and _HUB_ID.match(base) else None,
+        base_model=base if isinstance(base, str) and _HUB_ID.match(base) else None,  # a local path: in the body
         datasets=[data.get("path") or "Anthropic/hh-rlhf"] if hh else None,
         language="en" if hh else None,  # the synthetic tasks are no natural language's text
         license=config["license"] if isinstance(config.get("license"), str) else None,
@@ -142,16 +141,12 @@ def _base_model(model: dict) -> str:
 
 
 def _data_name(data: dict) -> str:
-    if _is_hh(data):
-        return "HH-RLHF"
-    if _is_synthetic(data):
-        return "synthetic preferences"
-    target = str(data.get("_target_") or "")
-    return target.rsplit(".", 1)[-1] or "unknown data"
+    task = _task(data)
+    return {"HHRLHF": "HH-RLHF", "SyntheticPreferences": "synthetic preferences"}.get(task, task or "unknown data")
 
 
 def _data_description(data: dict) -> str:
-    if _is_hh(data):
+    if _task(data) == "HHRLHF":
         files = data.get("data_files")
         if files:
             files = ", ".join(f"`{f}`" for f in (files if isinstance(files, list) else [files]))
@@ -160,7 +155,7 @@ def _data_description(data: dict) -> str:
             src = f"`{data.get('path') or 'Anthropic/hh-rlhf'}` (train split `{data.get('split', 'train')}`)"
         extra = ", ".join(f"{k}={data[k]}" for k in ("max_pairs", "val_fraction") if data.get(k) is not None)
         return f"Anthropic HH-RLHF preference pairs: {src}" + (f" ({extra})" if extra else "")
-    if _is_synthetic(data):
+    if _task(data) == "SyntheticPreferences":
         extra = ", ".join(f"{k}={data[k]}" for k in ("n_pairs", "val_fraction", "seed") if data.get(k) is not None)
         return ("synthetic HH-format dialogues whose preferences come from a known gold function "
                 f"(`rlhf.data.SyntheticPreferences`{': ' + extra if extra else ''})")
@@ -272,30 +267,17 @@ def _how_to_load(stage: str, stage_cfg: dict) -> list[str]:
 # ----- helpers -----
 
 def _plain(x) -> dict:
-    """A plain dict from a dict, an OmegaConf node or None."""
-    if x is None:
-        return {}
-    if not isinstance(x, Mapping):
-        try:
-            from omegaconf import OmegaConf
-
-            x = OmegaConf.to_container(x, resolve=True)
-        except Exception:
-            return {}
+    """A plain dict from a dict or an OmegaConf DictConfig (a Mapping too); {} from anything else."""
     return dict(x) if isinstance(x, Mapping) else {}
 
 
-def _get(d: Mapping, key: str) -> dict:
-    v = d.get(key) if isinstance(d, Mapping) else None
-    return dict(v) if isinstance(v, Mapping) else {}
+def _get(d: dict, key: str) -> dict:
+    return _plain(d.get(key))
 
 
-def _is_hh(data: dict) -> bool:
-    return str(data.get("_target_") or "").endswith("HHRLHF")
-
-
-def _is_synthetic(data: dict) -> bool:
-    return str(data.get("_target_") or "").endswith("SyntheticPreferences")
+def _task(data: dict) -> str:
+    """The data's class name (`HHRLHF`, `SyntheticPreferences`, ...), or ""."""
+    return str(data.get("_target_") or "").rsplit(".", 1)[-1]
 
 
 def _is_number(v) -> bool:
