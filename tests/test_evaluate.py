@@ -179,3 +179,28 @@ def test_model_card_never_fails_on_missing_keys(tmp_path):
     # synthetic data and a from-scratch model: no Hub dataset or base model to name; local paths stay in the body
     assert "datasets" not in front_matter("sft", {"data": {"_target_": "rlhf.data.SyntheticPreferences"}})
     assert "base_model" not in front_matter("sft", {"model": {"name_or_path": "/models/gpt2"}})
+
+
+def test_model_card_loads_with_huggingface_hub(tmp_path):
+    """The card as the Hub's own client reads it (no network: a local file, not validated against the Hub)."""
+    from huggingface_hub import ModelCard
+
+    config = {"seed": 3, "license": "mit", "model": {"name": "gpt2", "name_or_path": "gpt2"},
+              "data": {"_target_": "rlhf.data.HHRLHF", "path": "Anthropic/hh-rlhf"}, "dpo": {"beta": 0.1}}
+    path = write_model_card(tmp_path / "dpo", "dpo", config, {"reward_margin": 0.5}, {"rm_win_rate": 0.75})
+    card = ModelCard.load(path)
+    data = card.data
+    assert data.library_name == "transformers" and data.base_model == "gpt2" and data.tags == ["rlhf", "dpo"]
+    assert data.pipeline_tag == "text-generation" and data.datasets == ["Anthropic/hh-rlhf"]
+    assert data.language == "en" and data.license == "mit" and data.eval_results is None  # metrics: in the body
+    for part in ("`dpo` stage", "## How it was made", "**Seed:** 3", "### Hyperparameters", "| beta | 0.1 |",
+                 "## Metrics (from the run)", "| reward_margin | 0.5 |", "## Evaluation",
+                 "| win rate vs SFT (reward model) | 0.75 |  |", "## How to load it", "AutoModelForCausalLM"):
+        assert part in card.text, part
+    # Keys missing: a card the client still loads, saying less.
+    for stage, config in (("rm", None), ("sft", {"model": "?", "data": {}, "sft": None}), ("nonesuch", {})):
+        card = ModelCard.load(write_model_card(tmp_path / stage, stage, config, None))
+        assert card.data.library_name == "transformers" and card.data.tags == ["rlhf", stage]
+        assert card.data.base_model is None and card.data.datasets is None and card.data.license is None
+        assert "## Metrics (from the run)" in card.text and "## How to load it" in card.text
+    assert ModelCard.load(tmp_path / "rm" / "README.md").data.pipeline_tag == "text-classification"
