@@ -55,27 +55,54 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
                        stop_token_id, generator)
 
 
-def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator):
-    B = input_ids.shape[0]
-    # The backbone, then the LM head ourselves: in fp32 (`head_fp32`) and on the last position only.
+def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor):
+    """The KV-cached decode loop as a generator: yields the next-token logits [B, V] (fp32, `head_fp32`),
+    and is sent the tokens [B] chosen from them, which it feeds back through the cache.
+
+    Left-padded prompts, position ids counted from each row's first real token; the prefill applies
+    the LM head to the last prompt position only. Shared by the training sampler (`sample`) and the
+    HTTP server's batched engine, which chooses tokens its own way (per-row temperature, stop strings).
+    """
     body, head = policy.base_model, policy.get_output_embeddings()
     pos = position_ids_from_mask(attention_mask)
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
     next_pos = pos[:, -1:] + 1
     mask = attention_mask
+    while True:
+        tok = yield head_fp32(head, out.last_hidden_state[:, -1])
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        out = body(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=out.cache, use_cache=True)
+        next_pos = next_pos + 1
+
+
+def draw(logits: Tensor, temperature: float | Tensor, generator: torch.Generator | None = None,
+         u: Tensor | None = None) -> Tensor:
+    """One token per row from softmax(logits / temperature) by inverse CDF (one uniform per row).
+
+    `temperature` is a float or a [B, 1] tensor, and `u` the rows' uniforms in [0, 1) [B, 1] when the
+    caller draws them (the server batches requests with their own temperatures and seeds).
+    """
+    probs = torch.softmax(logits / temperature, -1)
+    cdf = probs.cumsum(-1)
+    # u in (0, total]: torch.rand can return exactly 0, and searchsorted would then pick the first
+    # token even at probability 0 (cdf 0 >= 0). With u > 0 only a token with mass can be drawn.
+    if u is None:
+        u = torch.rand(logits.shape[0], 1, device=cdf.device, dtype=cdf.dtype, generator=generator)
+    u = (1.0 - u.to(cdf.dtype)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+
+
+def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator):
+    B = input_ids.shape[0]
+    steps = decode_steps(policy, input_ids, attention_mask)
+    step_logits = next(steps)
     tokens, logits = [], []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for t in range(response_length):
-        step_logits = head_fp32(head, out.last_hidden_state[:, -1])
         if temperature == 0:  # greedy decoding (evaluation's accuracy), no draw
             tok = step_logits.argmax(-1)
         else:
-            probs = torch.softmax(step_logits / temperature, -1)
-            cdf = probs.cumsum(-1)
-            # u in (0, total]: torch.rand can return exactly 0, and searchsorted would then pick the first
-            # token even at probability 0 (cdf 0 >= 0). With u > 0 only a token with mass can be drawn.
-            u = (1.0 - torch.rand(B, 1, device=cdf.device, dtype=cdf.dtype, generator=generator)) * cdf[:, -1:]
-            tok = torch.searchsorted(cdf, u).squeeze(1).clamp_(max=probs.shape[-1] - 1)
+            tok = draw(step_logits, temperature, generator)
         tok = torch.where(done, pad_token_id, tok)
         tokens.append(tok)
         logits.append(step_logits)
@@ -83,9 +110,8 @@ def _sample(policy, input_ids, attention_mask, response_length, temperature, pad
             done |= tok == stop_token_id
         if t == response_length - 1 or bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-        out = body(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, cache=out.cache, use_cache=True)
-        next_pos = next_pos + 1
+        step_logits = steps.send(tok)
+    steps.close()
     responses, logits = torch.stack(tokens, 1), torch.stack(logits, 1)
     missing = response_length - responses.shape[1]
     if missing > 0:
