@@ -31,22 +31,13 @@ def format_prompt(prompt: str) -> str:
     return f"{HUMAN} {prompt.strip()}{ASSISTANT}"
 
 
-def context_length(artifacts) -> int | None:
-    """The policy's maximum sequence length (GPT-2: n_positions), or None when it declares none."""
-    cfg = artifacts.policy.config
-    for name in ("n_positions", "max_position_embeddings"):
-        if isinstance(getattr(cfg, name, None), int):
-            return getattr(cfg, name)
-    return None
-
-
 def context_overflow(artifacts, prompt: str, max_new_tokens: int) -> str | None:
     """Why `prompt` + `max_new_tokens` cannot fit the policy's context, or None when it fits.
 
     Checked up front: past the learned position embeddings the model fails with an index error
     deep inside the forward pass instead of a message the user can act on.
     """
-    limit = context_length(artifacts)
+    limit = artifacts.context_length
     if limit is None:
         return None
     n = len(artifacts.tokenizer(prompt).input_ids)

@@ -108,6 +108,38 @@ class RunArtifacts:
         responses, mask, _ = truncate_after_stop(responses, tok.eos_token_id, tok.pad_token_id)
         return [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
 
+    @cached_property
+    def context_length(self) -> int | None:
+        """The policy's maximum sequence length (GPT-2: n_positions), or None when it declares none."""
+        cfg = self.policy.config
+        return next((getattr(cfg, k) for k in ("n_positions", "max_position_embeddings")
+                     if isinstance(getattr(cfg, k, None), int)), None)
+
+    @cached_property
+    def gold(self):
+        """The run's gold (`eval.gold_reward_model_path`, else its task's gold function), or None."""
+        from hydra.utils import instantiate
+
+        from rlhf.evaluation.gold import resolve_gold
+
+        data = (self.config or {}).get("data")
+        if not data or "_target_" not in data:
+            return None
+        try:
+            return resolve_gold(self.config.get("eval"), instantiate(data), self.device)
+        except Exception:  # a task that cannot be built here (a missing data file) has no gold to offer
+            return None
+
+    def rewards(self, prompts: list[str], responses: list[str]) -> list[float]:
+        """The run's reward of each response: its reward model's normalised score, else the gold's."""
+        from rlhf.evaluation.gold import gold_scores
+
+        if self.reward_dir is not None:
+            return self.score(prompts, responses)
+        if self.gold is None:
+            raise UserError(f"{self.run_dir}: no reward model and no gold function")
+        return gold_scores(self.gold, prompts, responses)
+
     @torch.no_grad()
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         """Normalised reward-model scores of prompt + completion (as the PPO stage scored them)."""
