@@ -11,7 +11,7 @@
 # CPU, offline: any base image with python3.11 + venv (e.g. a Debian bookworm debootstrap imported
 # with `docker import`) and a wheelhouse folder inside the build context; nothing is downloaded:
 #   docker build --build-arg BASE_IMAGE=rlhf-base:bookworm --build-arg WHEELHOUSE=.wheelhouse -t rlhf-lightning:cpu .
-# rlhf/deploy/docker/build_cpu_image.sh does all of it (base image, wheelhouse, build); see the README.
+# rlhf/deploy/docker/build_cpu_image.sh does all of it (base image, wheelhouse, build); see docs/deploy.md.
 #
 # Runs land in /app/outputs (Hydra's run directory is relative to the working directory): mount it.
 #

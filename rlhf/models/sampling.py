@@ -142,7 +142,7 @@ class _HeadLogProbs(torch.autograd.Function):
     the logits are the only [N, V] tensor: the backward overwrites them with d logp / d logits =
     onehot - softmax, scaled by the incoming gradient, and feeds that to the two matmuls. The logits
     are laid out [V, N] (`W @ h.T`): on the 2-core AVX2 CPU this was measured on, MKL runs the head
-    matmul and its gradients faster that way than as `h @ W.T` (README, Benchmark).
+    matmul and its gradients faster that way than as `h @ W.T` (docs/benchmark.md).
     """
 
     @staticmethod

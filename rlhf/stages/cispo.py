@@ -19,7 +19,7 @@ class CISPOConfig(GRPOConfig):
     policy_loss: str = "cispo"
     loss_agg_mode: str = "token_mean"
     # Upper bound of the detached importance weight (TRL's epsilon_high for cispo). ScaleRL's 5.0 let
-    # the KL spike mid-run on this task (README's Algorithms settings table); 2.0 learns as well without it.
+    # the KL spike mid-run on this task (docs/algorithms.md, the settings table); 2.0 learns as well without it.
     epsilon_max: float = 2.0
 
 

@@ -23,7 +23,7 @@ from rlhf.stages.preference import PreferenceConfig, PreferenceModule
 class DPOConfig(PreferenceConfig):
     lr: float = 2e-4  # AdamW peak learning rate (the root `lr` overrides it)
     # Defaults: on the synthetic task sigmoid at beta 0.1 drives both log-probs down until the policy
-    # degenerates (KL ~37 nats, gold win rate 0.56); IPO's bounded target at beta 0.5 learns (README).
+    # degenerates (KL ~37 nats, gold win rate 0.56); IPO's bounded target at beta 0.5 learns (docs/algorithms.md).
     beta: float = 0.5  # strength of the implicit KL to the reference: rewards are beta * log(pi / pi_ref)
     loss_type: str = "ipo"  # sigmoid (DPO), ipo (Azar et al. 2023) or hinge (SLiC / RSO)
     label_smoothing: float = 0.0  # sigmoid only: assumed probability that a label is flipped (cDPO)

@@ -18,7 +18,7 @@ from rlhf.stages.grpo import GRPOConfig, GRPOModule
 class GSPOConfig(GRPOConfig):
     policy_loss: str = "gspo"
     # The sequence ratio's clip. The paper's 3e-4 / 4e-4 suit a large model's small steps; at this
-    # task's learning rate they clip most tokens (measured in the README's Algorithms settings table).
+    # task's learning rate they clip most tokens (measured in docs/algorithms.md, the settings table).
     cliprange: float = 0.02  # low side
     cliprange_high: float | None = 0.03  # high side
 
