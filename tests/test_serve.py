@@ -372,3 +372,14 @@ def test_serve_cli_port_0_then_clean_shutdown(run_dir):
             raise
     stderr = proc.stderr.read()
     assert rc == 0 and "Traceback" not in stderr and "shut down" in stderr, stderr
+
+
+def test_load_benchmark_reports_both_phases(run_dir):
+    proc = cli("rlhf.bench.serve_load", str(run_dir), "--clients", "4", "--requests", "8", "--sequential", "2",
+               "--max-tokens", "4", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seq, con, summary = (json.loads(line) for line in proc.stdout.splitlines())
+    assert (seq["phase"], seq["ok"], seq["batches"]) == ("sequential", 2, 2)
+    assert (con["phase"], con["ok"], con["failed"]) == ("concurrent", 8, 0)
+    assert con["completion_tokens"] == 8 * 4  # ignore_eos: every request decodes max_tokens
+    assert con["batches"] < 8 and summary["speedup"] > 0
