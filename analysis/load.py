@@ -249,8 +249,10 @@ def read_summary(run_dir: Path) -> dict[str, float]:
     """The numeric headline values at the top level of a run's ``summary.json``.
 
     Numbers only: booleans, text, nested dicts (``stages``) and ``seed`` (an
-    identity, not a result) are left out. Raises :class:`AnalysisError` when the
-    file is missing or is not a JSON object.
+    identity, not a result) are left out, but for ``pass_at_k`` of a verifiable
+    task (``{"before": {k: p}, "after": {k: p}}``), read as ``pass@<k>_before`` and
+    ``pass@<k>_after``. Raises :class:`AnalysisError` when the file is missing or
+    is not a JSON object.
     """
     f = Path(run_dir) / "summary.json"
     if not f.is_file():
@@ -261,8 +263,11 @@ def read_summary(run_dir: Path) -> dict[str, float]:
         raise AnalysisError(f"{f}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise AnalysisError(f"{f}: expected a JSON object, got {type(data).__name__}")
-    return {k: float(v) for k, v in data.items()
-            if k != "seed" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {k: float(v) for k, v in data.items()
+           if k != "seed" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for when, by_k in (data.get("pass_at_k") or {}).items():
+        out.update({f"pass@{k}_{when}": float(v) for k, v in (by_k or {}).items() if isinstance(v, (int, float))})
+    return out
 
 
 def _parse_value(s: str) -> object:

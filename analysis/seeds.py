@@ -169,9 +169,12 @@ def config_label(row: pd.Series, params: list[str]) -> str:
     return ", ".join(f"{p}={row[p]}" for p in params) or "all runs"
 
 
-# The comparison a researcher reads first, one row per configuration (algorithm x settings).
-COMPARISON = (("gold_win_rate", "gold win rate"), ("gold_reward_after", "gold reward"), ("kl_final", "KL"),
-              ("reward_after", "reward-model score"), ("seconds", "wall time (s)"), ("peak_rss_mb", "peak RSS (MB)"))
+# The comparison a researcher reads first, one row per configuration (algorithm x settings); a verifiable
+# task adds its held-out greedy accuracy and pass@k after training (`pass@<k>_after`, every k it has).
+COMPARISON = (("gold_win_rate", "gold win rate"), ("accuracy_after", "accuracy"), ("gold_reward_after", "gold reward"),
+              ("kl_final", "KL"), ("reward_after", "reward-model score"), ("seconds", "wall time (s)"),
+              ("peak_rss_mb", "peak RSS (MB)"))
+TASK_PARAM = "data"  # the override that picks the task: a sweep over tasks gets one table per task
 
 
 def comparison_table(seeds: pd.DataFrame) -> list[str]:
@@ -179,9 +182,24 @@ def comparison_table(seeds: pd.DataFrame) -> list[str]:
 
     `python -m analysis SWEEP` prints it for a sweep over seeds; with `algo` among the swept
     overrides (`python train.py -m algo=ppo,grpo,rloo,dpo seed=0,1,2`) it is the algorithms table.
+    A sweep over tasks (`data=synthetic,arithmetic,length_trap`) gets one table per task, each with
+    the columns that task has (accuracy and pass@k only where it has a verifier).
     """
     params = seeds.attrs.get("varying", seeds.attrs.get("params", []))
-    cols = [(m, label) for m, label in COMPARISON if f"{m}_mean" in seeds.columns]
+    if TASK_PARAM not in params:
+        return _table(seeds, params, drop_empty=False)
+    lines = []
+    for task, group in seeds.groupby(seeds[TASK_PARAM].astype(str), sort=False):
+        lines += [f"Task `{task}`:", "", *_table(group, [p for p in params if p != TASK_PARAM], drop_empty=True), ""]
+    return lines[:-1]
+
+
+def _table(seeds: pd.DataFrame, params: list[str], drop_empty: bool) -> list[str]:
+    passes = sorted((c[:-len("_mean")] for c in seeds.columns if c.startswith("pass@") and c.endswith("_after_mean")),
+                    key=lambda m: int(m[len("pass@"):].split("_")[0]))
+    wanted = [*COMPARISON[:2], *((m, m.removesuffix("_after")) for m in passes), *COMPARISON[2:]]
+    cols = [(m, label) for m, label in wanted if f"{m}_mean" in seeds.columns
+            and not (drop_empty and seeds[f"{m}_mean"].isna().all())]
     lines = ["| " + " | ".join([", ".join(params) or "configuration", "seeds", *(lb for _, lb in cols)]) + " |",
              "|" + "---|" * (2 + len(cols))]
     for _, r in seeds.iterrows():

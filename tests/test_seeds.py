@@ -186,3 +186,33 @@ def test_sweep_without_any_summary_still_reports(sweep):
     assert "No job to aggregate." in (root / "report.md").read_text() and not (root / "seeds.png").exists()
     text = cli(root, "--window", 10)
     assert text.returncode == 0 and "Over seeds: no job has a readable summary.json" in text.stdout
+
+
+def test_a_sweep_over_tasks_gets_one_comparison_per_task_with_its_metrics(tmp_path):
+    """`python train.py -m data=synthetic,arithmetic algo=grpo,dpo seed=0,1`: per task, the algorithms with
+    that task's columns (accuracy and pass@k only for the verifiable one)."""
+    root = tmp_path / "multirun"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    n = 0
+    for task in ("synthetic", "arithmetic"):
+        for algo in ("grpo", "dpo"):
+            for seed in (0, 1):
+                job = root / str(n)
+                make_run(job, n=30, seed=n, overrides=(f"data={task}", f"algo={algo}", f"seed={seed}"))
+                summary = {"seed": seed, "gold_win_rate": 0.6 + 0.1 * seed, "kl_final": 1.0 + seed}
+                if task == "arithmetic":
+                    acc = {"grpo": 0.5, "dpo": 0.3}[algo] + 0.1 * seed
+                    summary |= {"accuracy_before": 0.4, "accuracy_after": acc,
+                                "pass_at_k": {"before": {"1": 0.3, "4": 0.6}, "after": {"1": acc, "4": 0.8}}}
+                (job / "summary.json").write_text(json.dumps(summary))
+                n += 1
+    assert read_summary(root / "4")["pass@4_after"] == 0.8 and read_summary(root / "4")["pass@1_before"] == 0.3
+    res = cli(root, "--window", 5)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    synthetic, arithmetic = out.split("Task `synthetic`:")[1].split("Task `arithmetic`:")
+    assert "| algo | seeds | gold win rate | KL |" in synthetic and "accuracy" not in synthetic
+    assert "| algo | seeds | gold win rate | accuracy | pass@1 | pass@4 | KL |" in arithmetic
+    assert "| grpo | 2 | 0.650 ± 0.635 | 0.550 ± 0.635 | 0.550 ± 0.635 | 0.800 ± 0.000 | 1.500 ± 6.353 |" in arithmetic
+    assert "| dpo | 2 |" in synthetic and "| dpo | 2 |" in arithmetic
