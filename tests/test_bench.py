@@ -133,3 +133,26 @@ def test_bench_refuses_bad_sweeps():
         proc = subprocess.run([sys.executable, "-m", "rlhf.bench", "--scaling", "x", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_decode_benchmark_json_lines():
+    lines = _bench("--kind", "generate", "--preset", "small", "--layers", "1", "--dim", "32", "--heads", "2",
+                   "--batches", "1,2", "--response-lengths", "4", "--prompt-length", "8", "--precision", "fp32",
+                   "--rounds", "1")
+    steps = [x for x in lines if "impl" in x]
+    assert [(x["impl"], x["batch"]) for x in steps] == [("ours", 1), ("transformers", 1), ("ours", 2), ("transformers", 2)]
+    for x in steps:
+        assert x["kind"] == "generate" and x["ms_per_step"] > 0 and x["bandwidth_gbs"] > 0
+        assert 0 < x["mbu"] and x["response_length"] == 4 and x["prompt_length"] == 8
+    # bytes a step reads: the weights (tied embeddings once) plus the KV cache, which grows with the batch
+    assert steps[2]["bytes_per_step"] > steps[0]["bytes_per_step"]
+    ratios = [x for x in lines if "ratio" in x]
+    assert len(ratios) == 2 and all(r["ratio"] == pytest.approx(r["transformers_ms"] / r["ours_ms"], rel=1e-2)
+                                    for r in ratios)
+
+
+def test_decode_benchmark_refuses_bad_settings():
+    for args, msg in ((["--response-lengths", "1"], ">= 2"), (["--vs-trl"], "no --vs-trl")):
+        proc = subprocess.run([sys.executable, "-m", "rlhf.bench", "--kind", "generate", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr[-500:])

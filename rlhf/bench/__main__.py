@@ -7,6 +7,8 @@
     python -m rlhf.bench --preset small --layers 1 --dim 32 --heads 2 --batch 4 --episodes 8 --warmup 1
     python -m rlhf.bench --preset gpt2 --vs-trl --device cuda   # both sides on the GPU (trainer=gpu; TRL use_cpu=False)
     python -m rlhf.bench --scaling bench-scaling   # ours over response length x batch: table, fits, figure
+    python -m rlhf.bench --kind generate           # decoding: ms per step and bandwidth use, ours vs generate
+                                                   # (rlhf/bench/decode.py; default --preset gpt2)
 
 Prints one JSON line per measurement on stdout (progress goes to stderr):
   {"kind": "ppo"|"grpo"|"rm", "impl": "ours"|"trl", "shape", "episodes_per_s"|"pairs_per_s", "seconds"
@@ -46,7 +48,7 @@ PRESETS = {  # shape, then what runs on it by default (--kind and --episodes ove
     "small": (dict(layers=4, dim=256, heads=4, vocab=50257, batch=16), dict(kinds="ppo,grpo,rm", episodes=64)),
     "gpt2": (dict(layers=12, dim=768, heads=12, vocab=50257, batch=8), dict(kinds="ppo,grpo", episodes=32)),
 }
-KINDS = ("ppo", "grpo", "rm")
+KINDS = ("ppo", "grpo", "rm", "generate")
 SHAPE_FLAGS = ("layers", "dim", "heads", "vocab", "batch", "prompt_length", "response_length", "ppo_epochs",
                "mini_batches", "rm_response_length", "num_generations", "num_iterations")
 
@@ -54,7 +56,8 @@ SHAPE_FLAGS = ("layers", "dim", "heads", "vocab", "batch", "prompt_length", "res
 def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m rlhf.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--kind", "--algo", dest="kind", default=None,
-                    help="comma list of ppo, grpo, rm (default: small: ppo,grpo,rm; gpt2: ppo,grpo)")
+                    help="comma list of ppo, grpo, rm (default: small: ppo,grpo,rm; gpt2: ppo,grpo); or generate "
+                         "alone: decoding speed (--batches, --response-lengths, --prompt-length, --precision)")
     ap.add_argument("--preset", default="small,gpt2",
                     help="comma list of " + ", ".join(PRESETS) + ": shapes, run one after the other (flags override)")
     for f in SHAPE_FLAGS:
@@ -85,10 +88,18 @@ def parse(argv=None) -> argparse.Namespace:
                     help="sweep ours over --response-lengths x --batches on the first preset's shape (one --kind: ppo "
                          "or grpo) and write DIR/scaling.{csv,md,png,json} (rlhf/bench/scaling.py)")
     ap.add_argument("--response-lengths", default="32,64,128,256", help="--scaling: comma list of response tokens")
-    ap.add_argument("--batches", default="8,16,32", help="--scaling: comma list of batch sizes")
+    ap.add_argument("--batches", default=None, help="--scaling: comma list of batch sizes (default 8,16,32); "
+                    "--kind generate: default 1,8,32")
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per subprocess")
     a = ap.parse_args(argv)
+    a.generate = a.kind == "generate"
+    if a.generate:  # decoding alone, on one shape: GPT-2 small unless a preset is named
+        if a.vs_trl or a.scaling is not None:
+            ap.error("--kind generate compares against transformers' generate itself; no --vs-trl or --scaling")
+        a.preset = a.preset if a.preset != "small,gpt2" else "gpt2"
+        a.kind = None
+    a.batches = a.batches or ("1,8,32" if a.generate else "8,16,32")
     names = [n.strip() for n in a.preset.split(",") if n.strip()]
     if not names or set(names) - set(PRESETS):
         ap.error(f"--preset {a.preset!r}: expected a comma list of {', '.join(PRESETS)}")
@@ -96,7 +107,7 @@ def parse(argv=None) -> argparse.Namespace:
     for name in names:
         shape, defaults = PRESETS[name]
         kinds = [k.strip() for k in (a.kind or defaults["kinds"]).split(",") if k.strip()]
-        if not kinds or set(kinds) - set(KINDS):
+        if not kinds or set(kinds) - set(KINDS) or (len(kinds) > 1 and "generate" in kinds):
             ap.error(f"--kind {a.kind!r}: expected a comma list of {', '.join(KINDS)}")
         s = replace(Shape(), **{**shape, **{f: getattr(a, f) for f in SHAPE_FLAGS if getattr(a, f) is not None}})
         if s.batch % s.mini_batches:
@@ -107,7 +118,7 @@ def parse(argv=None) -> argparse.Namespace:
         if s.dim % s.heads:
             ap.error(f"--dim {s.dim} is not divisible by --heads {s.heads}")
         a.plans.append((s, kinds, a.episodes or defaults["episodes"]))
-    if a.scaling is not None:
+    if a.scaling is not None or a.generate:
         try:
             a.sweep_lengths = [int(x) for x in a.response_lengths.split(",") if x.strip()]
             a.sweep_batches = [int(x) for x in a.batches.split(",") if x.strip()]
@@ -115,6 +126,9 @@ def parse(argv=None) -> argparse.Namespace:
             ap.error(f"--response-lengths {a.response_lengths!r} / --batches {a.batches!r}: expected comma lists of integers")
         if not a.sweep_lengths or not a.sweep_batches or min(a.sweep_lengths + a.sweep_batches) <= 0:
             ap.error("--response-lengths and --batches need positive integers")
+        if a.generate and min(a.sweep_lengths) < 2:
+            ap.error("--kind generate: --response-lengths must be >= 2 (a step's time is (R - 1) steps' over R - 1)")
+    if a.scaling is not None:
         kinds = a.plans[0][1] if a.kind else ["ppo"]
         if len(kinds) != 1 or kinds[0] == "rm":
             ap.error(f"--scaling times one online algorithm: --kind ppo or --kind grpo, got {a.kind!r}")
@@ -220,6 +234,13 @@ def compare(kind: str, ours: dict, trls: dict) -> dict:
 def main(argv=None) -> int:
     a = parse(argv)
     set_threads(a.threads)
+    if a.generate:
+        from rlhf.bench.decode import run_generate
+
+        s = a.plans[0][0]
+        run_generate(s, a.sweep_batches, a.sweep_lengths, s.prompt_length, a.precision,
+                     a.rounds, a.threads)
+        return 0
     if a.scaling is not None:
         return run_scaling(a)
     for shape, kinds, episodes in a.plans:

@@ -1,0 +1,118 @@
+"""Decoding speed: milliseconds per decode step and memory-bandwidth utilisation, ours against `generate`.
+
+    python -m rlhf.bench --kind generate                     # GPT-2 small shape, batch 1, 8, 32 x 32..256 tokens
+    python -m rlhf.bench --kind generate --preset small --batches 8 --response-lengths 64 --precision fp32
+
+One JSON line per (implementation, batch, response length): {"kind": "generate", "impl": "ours" |
+"transformers", "batch", "prompt_length", "response_length", "ms_per_step", "mbu", "bytes_per_step",
+"bandwidth_gbs", "precision", "threads", "machine"}, then one per (batch, length) with "ratio"
+(transformers' ms per step over ours: above 1, ours is faster).
+
+How: a random-init GPT-2 of the preset's shape (the weights do not change the cost), left-padded
+prompts of `--prompt-length` tokens, every row decoding exactly `response_length` tokens (no stop
+token) at temperature 1. Ours is `rlhf.models.sampling.sample`, the rollout sampler; theirs is
+`model.generate(do_sample=True, top_k=0)`. A decode step's time is (time for R tokens - time for 1
+token) / (R - 1), so the prefill is not counted; the best of `--rounds` is kept. MBU, as LLM-serving
+benchmarks report it: the bytes a decode step must read (every weight once, the LM head included,
+plus the KV cache at the step's mean context length) per step time, over the memory bandwidth this
+command measures (a large tensor copy: bytes read + written per second). Precision `bf16` holds the
+weights in bf16 on both sides.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from rlhf.bench.common import machine_name
+
+
+def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+    """Best GB/s of copying an `mb` MB tensor into another (read + write bytes per second)."""
+    import torch
+
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def step_bytes(model, batch: int, prompt_length: int, response_length: int) -> int:
+    """Bytes one decode step reads: the weights (tied embeddings once) and the mean KV cache."""
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    mean_context = prompt_length + (response_length - 1) / 2
+    kv = 2 * cfg.n_layer * batch * mean_context * cfg.n_embd * elem
+    return int(sum(params.values()) + kv)
+
+
+def _timed(fn, rounds: int) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure(model, impl: str, batch: int, prompt_length: int, response_length: int, rounds: int) -> float:
+    """Milliseconds per decode step (prefill excluded) of `impl` on this model."""
+    import torch
+
+    from rlhf.models.sampling import sample
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_length), generator=g)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.no_grad():
+            if impl == "ours":
+                sample(model, ids, mask, n, 1.0, 0, None)
+            else:
+                model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=n,
+                               min_new_tokens=n, pad_token_id=0)
+    run(2)  # warm-up
+    full, one = _timed(lambda: run(response_length), rounds), _timed(lambda: run(1), rounds)
+    return (full - one) / (response_length - 1) * 1000
+
+
+def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: int, precision: str,
+                 rounds: int, threads: int) -> list[dict]:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=shape.layers, n_embd=shape.dim, n_head=shape.heads, vocab_size=shape.vocab,
+                     n_positions=max(1024, prompt_length + max(lengths)))
+    model = GPT2LMHeadModel(cfg).eval()
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    bw = bandwidth_gbs()
+    rows = []
+    for b in batches:
+        for r in lengths:
+            nbytes = step_bytes(model, b, prompt_length, r)
+            ms = {}
+            for impl in ("ours", "transformers"):
+                ms[impl] = measure(model, impl, b, prompt_length, r, rounds)
+                row = {"kind": "generate", "impl": impl, "batch": b, "prompt_length": prompt_length,
+                       "response_length": r, "ms_per_step": round(ms[impl], 3),
+                       "mbu": round(nbytes / (ms[impl] / 1000) / (bw * 1e9), 4), "bytes_per_step": nbytes,
+                       "bandwidth_gbs": round(bw, 2), "precision": precision, "threads": threads,
+                       "shape": f"{shape.layers}x{shape.dim}", "machine": machine_name()}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            cmp = {"kind": "generate", "batch": b, "response_length": r, "ours_ms": round(ms["ours"], 3),
+                   "transformers_ms": round(ms["transformers"], 3),
+                   "ratio": round(ms["transformers"] / ms["ours"], 3)}
+            print(json.dumps(cmp), flush=True)
+            rows.append(cmp)
+    return rows
