@@ -15,8 +15,10 @@ token) at temperature 1. Ours is `rlhf.models.sampling.sample`, the rollout samp
 token) / (R - 1), so the prefill is not counted; the best of `--rounds` is kept. MBU, as LLM-serving
 benchmarks report it: the bytes a decode step must read (every weight once, the LM head included,
 plus the KV cache at the step's mean context length) per step time, over the memory bandwidth this
-command measures (a large tensor copy: bytes read + written per second). Precision `bf16` holds the
-weights in bf16 on both sides.
+command measures (a large tensor copy: bytes read + written per second), with the weights counted at
+the benchmark's precision. In `bf16`, ours runs as the rollout does under Lightning's bf16-mixed (fp32
+weights, a bf16 autocast whose weight casts are cached for the rollout, the LM head in fp32), and
+transformers' `generate` on a bf16 copy of the model, as inference usually runs it.
 """
 from __future__ import annotations
 
@@ -41,14 +43,14 @@ def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return best
 
 
-def step_bytes(model, batch: int, prompt_length: int, response_length: int) -> int:
-    """Bytes one decode step reads: the weights (tied embeddings once) and the mean KV cache."""
-    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+def step_bytes(model, batch: int, prompt_length: int, response_length: int, elem: int) -> int:
+    """Bytes one decode step must read at `elem` bytes per number: the weights (tied embeddings once)
+    and the KV cache at the step's mean context length."""
+    params = {p.data_ptr(): p.numel() for p in model.parameters()}
     cfg = model.config
-    elem = next(model.parameters()).element_size()
     mean_context = prompt_length + (response_length - 1) / 2
-    kv = 2 * cfg.n_layer * batch * mean_context * cfg.n_embd * elem
-    return int(sum(params.values()) + kv)
+    kv = 2 * cfg.n_layer * batch * mean_context * cfg.n_embd
+    return int((sum(params.values()) + kv) * elem)
 
 
 def _timed(fn, rounds: int) -> float:
@@ -60,8 +62,9 @@ def _timed(fn, rounds: int) -> float:
     return best
 
 
-def measure(model, impl: str, batch: int, prompt_length: int, response_length: int, rounds: int) -> float:
-    """Milliseconds per decode step (prefill excluded) of `impl` on this model."""
+def measure(model, impl: str, batch: int, prompt_length: int, response_length: int, rounds: int,
+            autocast: bool = False) -> float:
+    """Milliseconds per decode step (prefill excluded) of `impl` on this model (`autocast`: in bf16)."""
     import torch
 
     from rlhf.models.sampling import sample
@@ -71,7 +74,7 @@ def measure(model, impl: str, batch: int, prompt_length: int, response_length: i
     mask = torch.ones_like(ids)
 
     def run(n):
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             if impl == "ours":
                 sample(model, ids, mask, n, 1.0, 0, None)
             else:
@@ -93,16 +96,18 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
     cfg = GPT2Config(n_layer=shape.layers, n_embd=shape.dim, n_head=shape.heads, vocab_size=shape.vocab,
                      n_positions=max(1024, prompt_length + max(lengths)))
     model = GPT2LMHeadModel(cfg).eval()
-    if precision == "bf16":
-        model = model.to(torch.bfloat16)
+    bf16 = precision == "bf16"
+    models = {"ours": model, "transformers": GPT2LMHeadModel(cfg).to(torch.bfloat16).eval() if bf16 else model}
+    if bf16:
+        models["transformers"].load_state_dict(model.state_dict())
     bw = bandwidth_gbs()
     rows = []
     for b in batches:
         for r in lengths:
-            nbytes = step_bytes(model, b, prompt_length, r)
+            nbytes = step_bytes(model, b, prompt_length, r, 2 if bf16 else 4)
             ms = {}
             for impl in ("ours", "transformers"):
-                ms[impl] = measure(model, impl, b, prompt_length, r, rounds)
+                ms[impl] = measure(models[impl], impl, b, prompt_length, r, rounds, autocast=bf16 and impl == "ours")
                 row = {"kind": "generate", "impl": impl, "batch": b, "prompt_length": prompt_length,
                        "response_length": r, "ms_per_step": round(ms[impl], 3),
                        "mbu": round(nbytes / (ms[impl] / 1000) / (bw * 1e9), 4), "bytes_per_step": nbytes,
