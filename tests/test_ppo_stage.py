@@ -113,6 +113,29 @@ def test_sample_logits_match_fresh_forward_with_left_padding(tiny_lm):
         assert (logits[i, :n_valid] - alone).abs().max().item() < 1e-4, i
 
 
+@pytest.mark.parametrize("temp", [1.0, 0.7, 0.0])
+def test_step_by_step_logprobs_are_those_of_the_kept_logits(tiny_lm, temp):
+    """sample(..., logprobs=True), the rollout's path, keeps no [B, R, V] logits, and its log-probs are
+    what logprobs_from_logits gives on the logits it would have kept, to float rounding (stops and padding too)."""
+    _, ids, mask = _left_padded()
+    free, _ = sample(tiny_lm, ids, mask, 8, temp, PAD, None, generator=torch.Generator().manual_seed(5))
+    for stop in (None, int(free[0, 1]), int(free[:, 0].max())):
+        kw = dict(generator=torch.Generator().manual_seed(5))
+        responses, logits = sample(tiny_lm, ids, mask, 8, temp, PAD, stop, **kw)
+        kw = dict(generator=torch.Generator().manual_seed(5))
+        same, logp = sample(tiny_lm, ids, mask, 8, temp, PAD, stop, logprobs=True, **kw)
+        assert torch.equal(same, responses) and logp.shape == responses.shape
+        torch.testing.assert_close(logp, logprobs_from_logits(logits, responses, temp or 1.0), rtol=0, atol=1e-5)
+    # Every row stopped at its first token: the rest is padding (zero logits), in both forms alike.
+    one, one_mask = ids[:1], mask[:1]
+    first = sample(tiny_lm, one, one_mask, 8, temp, PAD, None, generator=torch.Generator().manual_seed(5))[0][0, 0]
+    responses, logits = sample(tiny_lm, one, one_mask, 8, temp, PAD, int(first), generator=torch.Generator().manual_seed(5))
+    _, logp = sample(tiny_lm, one, one_mask, 8, temp, PAD, int(first), generator=torch.Generator().manual_seed(5),
+                     logprobs=True)
+    assert (responses[0, 1:] == PAD).all() and (logits[0, 1:] == 0).all()
+    torch.testing.assert_close(logp, logprobs_from_logits(logits, responses, temp or 1.0), rtol=0, atol=1e-5)
+
+
 def test_left_padded_row_next_token_logits_match_unpadded(tiny_lm):
     prompts, ids, mask = _left_padded()
     _, padded_logits = sample(tiny_lm, ids, mask, 1, 1.0, PAD, None)

@@ -95,10 +95,10 @@ def _rollout_batch(module, policy, batch) -> dict:
     c = module.cfg
     q, qm = batch["input_ids"].to(module.device), batch["attention_mask"].to(module.device)
     with torch.no_grad():
-        resp, logits = sample(policy, q, qm, c.response_length, c.temperature, module.tokenizer.pad_token_id,
-                              module.stop_id)
+        resp, logp = sample(policy, q, qm, c.response_length, c.temperature, module.tokenizer.pad_token_id,
+                            module.stop_id, logprobs=True)
         resp, rmask, _ = core.truncate_after_stop(resp, module.stop_id, module.tokenizer.pad_token_id)
-        logp = (core.logprobs_from_logits(logits, resp, c.temperature) * rmask).sum(1)  # the sampler's own logits
+        logp = (logp * rmask).sum(1)  # the sampler's own log-probs
         with reference_policy(module.policy, module.ref_policy) as ref_policy:
             ref = sequence_logprobs(ref_policy, q, qm, resp, rmask, c.temperature)
         score = getattr(module, "score", None)  # DPO has no reward to score with

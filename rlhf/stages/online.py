@@ -222,17 +222,15 @@ class OnlineRLModule(OnlineUpdate, Stage):
             prompts = [p for p in prompts for _ in range(n)]
         Q = queries.shape[1]
         self.tick(None)
-        # 1. Rollout: sample responses; generation's own logits give the old log-probs.
+        # 1. Rollout: sample responses; generation's own logits give the old log-probs, step by step.
         self.policy.eval()
         gen = self.update_generator()
-        responses, gen_logits = sample(self.policy, queries, qmask, c.response_length, c.temperature,
-                                       self.tokenizer.pad_token_id, self.stop_id, generator=gen)
+        responses, logprobs = sample(self.policy, queries, qmask, c.response_length, c.temperature,
+                                     self.tokenizer.pad_token_id, self.stop_id, generator=gen, logprobs=True)
         responses, resp_mask, has_stop = core.truncate_after_stop(responses, self.stop_id, self.tokenizer.pad_token_id)
         ids = torch.cat([queries, responses], 1)
         mask = torch.cat([qmask, resp_mask.long()], 1)
         with torch.no_grad():
-            logprobs = core.logprobs_from_logits(gen_logits, responses, c.temperature)
-            del gen_logits
             self.tick("generation")
             # 2. Score: reward, missing-EOS penalty, reference log-probs.
             scores = self.score(queries, qmask, responses, resp_mask, prompts)
