@@ -383,3 +383,17 @@ def test_load_benchmark_reports_both_phases(run_dir):
     assert (con["phase"], con["ok"], con["failed"]) == ("concurrent", 8, 0)
     assert con["completion_tokens"] == 8 * 4  # ignore_eos: every request decodes max_tokens
     assert con["batches"] < 8 and summary["speedup"] > 0
+
+
+def test_malformed_or_missing_content_length_is_a_400_and_the_server_stays_healthy(server):
+    """The old server's 400 (bad Content-Length) and 411 (none) cases. A malformed header never reaches the
+    app: uvicorn's HTTP parser answers 400 itself (plain text). A POST without Content-Length has an empty
+    body, refused as a request missing its fields (the OpenAI error object)."""
+    import socket
+
+    with socket.create_connection(server.server_address, timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: x\r\n\r\n{}")
+        assert s.recv(200).startswith(b"HTTP/1.1 400 ")
+    status, reply = request(server, "POST", GEN, b"", content_length=False)
+    assert status == 400 and "Field required" in reply["error"]["message"]
+    assert request(server, "GET", "/health")[0] == 200
