@@ -26,7 +26,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from rlhf.data.hh import read_json_rows
+from rlhf.data.hh import hub_rows, read_json_rows
 from rlhf.data.pairs import ASSISTANT, HUMAN, DataError, PreferencePair, PreferenceSplits, split_train_val
 
 log = logging.getLogger(__name__)
@@ -156,13 +156,4 @@ class GSM8K:
                                                     add_generation_prompt=True)
 
     def _hub_split(self, split: str) -> list[dict]:
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(self.path, self.name, split=split)
-        except Exception as e:  # network, auth, a missing split: all mean "cannot get it from here"
-            msg = " ".join(str(e).split())[:120]
-            raise DataError(f"could not load dataset {self.path!r} ({self.name}, split {split!r}): "
-                            f"{type(e).__name__}: {msg}; pass data.data_files=PATH to read a local "
-                            f".jsonl in its format") from None
-        return [_check_row(r, f"{self.path} ({split}) row {i}") for i, r in enumerate(ds.to_list())]
+        return hub_rows(self.path, split, ("question", "answer"), _check_row, self.name)

@@ -181,21 +181,25 @@ class HHRLHF:
         return train, val, dropped, self.path
 
     def _hub_split(self, split: str) -> list[dict]:
-        try:
-            import datasets
+        return hub_rows(self.path, split, _KEYS, _check_row)
 
-            ds = datasets.load_dataset(self.path, split=split)
-        except Exception as e:  # network, auth, missing split: all mean "can't get it from here"
-            log.debug("load_dataset(%r, split=%r) failed", self.path, split, exc_info=True)
-            raise DataError(
-                f"could not load dataset {self.path!r} (split {split!r}): "
-                f"{type(e).__name__}: {_one_line(e, 120)}; "
-                "pass data.data_files=PATH to read local .json/.jsonl files"
-            ) from None
-        missing = [k for k in _KEYS if k not in ds.column_names]
-        if missing:
-            raise DataError(f"{self.path} ({split}): missing column(s) {missing}")
-        rows = ds.select_columns(list(_KEYS)).to_list()
-        for i, row in enumerate(rows):
-            _check_row(row, f"{self.path} ({split}) row {i}")
-        return rows
+
+def hub_rows(path: str, split: str, columns: tuple[str, ...], check: Callable[[Any, str], Any],
+             name: str | None = None) -> list:
+    """The rows of a hub dataset's `split` (config `name`), reduced to `columns`, each passed through
+    `check(row, where)`; a dataset that cannot be loaded here is one DataError pointing at local files."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, name, split=split)
+    except Exception as e:  # network, auth, missing split: all mean "can't get it from here"
+        log.debug("load_dataset(%r, %r, split=%r) failed", path, name, split, exc_info=True)
+        raise DataError(
+            f"could not load dataset {path!r} (split {split!r}): "
+            f"{type(e).__name__}: {_one_line(e, 120)}; "
+            "pass data.data_files=PATH to read local .json/.jsonl files"
+        ) from None
+    missing = [k for k in columns if k not in ds.column_names]
+    if missing:
+        raise DataError(f"{path} ({split}): missing column(s) {missing}")
+    return [check(row, f"{path} ({split}) row {i}") for i, row in enumerate(ds.select_columns(list(columns)).to_list())]

@@ -123,8 +123,7 @@ def create_app(served: Served) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         _check_model(served, req.model)
-        prompts = req.prompts
-        return await _generate(served, req, prompts, req.max_tokens, "completion")
+        return await _generate(served, req, req.prompts, req.max_tokens, "completion")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest):
