@@ -5,6 +5,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf.algorithms.core import entropy_from_logits, logprobs_from_logits
+from rlhf.models import sampling
 from rlhf.models.sampling import _HeadLogProbs, response_logits, response_logprobs
 
 V, D = 300, 16
@@ -23,8 +24,11 @@ def _unfused(hidden, weight, tokens, temperature):
     return logprobs_from_logits(logits, tokens, temperature), entropy_from_logits(logits.detach(), temperature)
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 4, 1])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_fused_matches_unfused_values_and_gradients(temperature):
+def test_fused_matches_unfused_values_and_gradients(temperature, chunk_tokens, monkeypatch):
+    if chunk_tokens is not None:  # token slices of the [V, N] logits, recomputed in the backward (15 tokens: a ragged last slice)
+        monkeypatch.setattr(sampling, "HEAD_CHUNK_BYTES", 4 * V * chunk_tokens)
     hidden, weight, tokens = _inputs()
     upstream = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
     grads = []
@@ -54,7 +58,10 @@ def test_fused_is_fp32_under_bf16_autocast():
     torch.testing.assert_close(logp, _unfused(hidden, weight, tokens, 1.0)[0], rtol=0, atol=1e-5)
 
 
-def test_second_backward_is_refused():
+@pytest.mark.parametrize("chunk_tokens", [None, 2])
+def test_second_backward_is_refused(chunk_tokens, monkeypatch):
+    if chunk_tokens is not None:
+        monkeypatch.setattr(sampling, "HEAD_CHUNK_BYTES", 4 * V * chunk_tokens)
     hidden, weight, tokens = _inputs()
     w = weight.clone().requires_grad_()
     logp, _ = _HeadLogProbs.apply(hidden, w, tokens, 1.0, False)
@@ -96,3 +103,14 @@ def test_heads_with_a_bias_take_the_unfused_path():
     logp = response_logprobs(model, ids, mask, 3, ids[:, 3:])
     expected = logprobs_from_logits(response_logits(model, ids, mask, 3), ids[:, 3:])
     torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
+
+
+def test_token_slices_bound_the_logits_the_head_materialises(monkeypatch):
+    """Chunked, no [V, N] tensor is kept for the backward: what autograd saves holds at most one slice."""
+    monkeypatch.setattr(sampling, "HEAD_CHUNK_BYTES", 4 * V * 4)
+    hidden, weight, tokens = _inputs(n=(4, 8))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logp, _ = _HeadLogProbs.apply(hidden, weight.clone().requires_grad_(), tokens, 1.0, False)
+    assert logp.shape == tokens.shape
+    assert max(saved) < V * tokens.numel()  # the weight [V, D] is the largest; D < N here

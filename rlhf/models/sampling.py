@@ -144,6 +144,19 @@ def response_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
     return head_fp32(model.get_output_embeddings(), hidden[:, context_length - 1 : -1])
 
 
+HEAD_CHUNK_BYTES = 1 << 28  # the most fp32 logits [V, tokens] the fused head materialises at once
+
+
+def _logsumexp0(z: Tensor) -> Tensor:
+    """logsumexp over dim 0 of [V, N] in vocabulary slices: `torch.logsumexp` would allocate a second
+    [V, N] tensor for exp(z - max)."""
+    m = z.amax(0)
+    acc = torch.zeros_like(m)
+    for i in range(0, z.shape[0], 8192):
+        acc += torch.exp(z[i:i + 8192] - m).sum(0)
+    return m + acc.log()
+
+
 class _HeadLogProbs(torch.autograd.Function):
     """log softmax(hidden @ W.T / temperature) at `tokens` (and, on request, the entropy), in fp32.
 
@@ -153,31 +166,44 @@ class _HeadLogProbs(torch.autograd.Function):
     onehot - softmax, scaled by the incoming gradient, and feeds that to the two matmuls. The logits
     are laid out [V, N] (`W @ h.T`): on the 2-core AVX2 CPU this was measured on, MKL runs the head
     matmul and its gradients faster that way than as `h @ W.T` (docs/benchmark.md).
+
+    Token-chunked: when the [V, N] logits would exceed `HEAD_CHUNK_BYTES`, they are computed a slice
+    of tokens at a time and not kept; the backward recomputes each slice (one more head matmul), so
+    the fused head's memory is bounded whatever the batch and response length (the memory that
+    set the peak of long-response PPO, docs/benchmark.md).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, want_entropy):
         with torch.autocast(hidden.device.type, enabled=False):
             h = hidden.reshape(-1, hidden.shape[-1]).float()
-            z = weight.float() @ h.t().contiguous()  # [V, N]
-            if temperature != 1.0:
-                z.div_(temperature)
-            lse = torch.logsumexp(z, 0)
+            w = weight.float()
+            n = h.shape[0]
+            chunk = max(1, HEAD_CHUNK_BYTES // (4 * w.shape[0]))
             idx = tokens.reshape(1, -1)
-            logp = (z.gather(0, idx).squeeze(0) - lse).view(tokens.shape)
-            entropy = None
-            if want_entropy:  # H = lse - sum_v p_v z_v, over vocabulary chunks: no second [V, N] tensor
-                acc = torch.zeros_like(lse)
-                for i in range(0, z.shape[0], 8192):
-                    zc = z[i:i + 8192]
-                    acc += (torch.exp(zc - lse) * zc).sum(0)
-                entropy = (lse - acc).view(tokens.shape)
-        ctx.temperature = temperature
+            logp, lse = h.new_empty(n), h.new_empty(n)
+            entropy = h.new_empty(n) if want_entropy else None
+            kept = None
+            for s in range(0, n, chunk):
+                z = _slice_logits(w, h[s:s + chunk], temperature)  # [V, c]
+                lse[s:s + chunk] = part = _logsumexp0(z)
+                logp[s:s + chunk] = z.gather(0, idx[:, s:s + chunk]).squeeze(0) - part
+                if want_entropy:  # H = lse - sum_v p_v z_v, over vocabulary slices: no second [V, c] tensor
+                    acc = torch.zeros_like(part)
+                    for i in range(0, z.shape[0], 8192):
+                        zc = z[i:i + 8192]
+                        acc += (torch.exp(zc - part) * zc).sum(0)
+                    entropy[s:s + chunk] = part - acc
+                if n <= chunk:
+                    kept = z  # one slice: kept for the backward instead of recomputed
+        ctx.temperature, ctx.chunk = temperature, chunk
         ctx.used = False
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            ctx.save_for_backward(h, weight, z, idx, lse)
-        ctx.mark_non_differentiable(*(t for t in (entropy,) if t is not None))
-        return logp, entropy
+            ctx.save_for_backward(h, weight, kept, idx, lse)
+        if entropy is not None:
+            entropy = entropy.view(tokens.shape)
+            ctx.mark_non_differentiable(entropy)
+        return logp.view(tokens.shape), entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
@@ -185,16 +211,36 @@ class _HeadLogProbs(torch.autograd.Function):
             raise RuntimeError("response_logprobs: its backward reuses the logits in place and runs once "
                                "(retain_graph is not supported)")
         ctx.used = True
-        h, weight, z, idx, lse = ctx.saved_tensors
+        h, weight, kept, idx, lse = ctx.saved_tensors
         g = grad_logp.reshape(1, -1).float()
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False):
-            z.sub_(lse).exp_().mul_(-g)  # -g * softmax ...
-            z.scatter_add_(0, idx, g)    # ... + g at the token
-            if ctx.temperature != 1.0:
-                z.div_(ctx.temperature)
-            grad_h = (z.t() @ weight.float()).view(*grad_logp.shape, -1) if ctx.needs_input_grad[0] else None
-            grad_w = (z @ h).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            w = weight.float()
+            grad_h = h.new_empty(h.shape) if want_h else None
+            grad_w = torch.zeros_like(w) if want_w else None
+            for s in range(0, h.shape[0], ctx.chunk):
+                e = s + ctx.chunk
+                z = kept if kept is not None else _slice_logits(w, h[s:e], ctx.temperature)
+                gs = g[:, s:e]
+                z.sub_(lse[s:e]).exp_().mul_(-gs)  # -g * softmax ...
+                z.scatter_add_(0, idx[:, s:e], gs)  # ... + g at the token
+                if ctx.temperature != 1.0:
+                    z.div_(ctx.temperature)
+                if want_h:
+                    torch.mm(z.t(), w, out=grad_h[s:e])
+                if want_w:
+                    grad_w.addmm_(z, h[s:e])
+        if want_h:
+            grad_h = grad_h.view(*grad_logp.shape, -1)
+        if want_w:
+            grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
+
+
+def _slice_logits(w: Tensor, h: Tensor, temperature: float) -> Tensor:
+    """The [V, c] fp32 logits of c tokens' hidden states, divided by the temperature."""
+    z = w @ h.t().contiguous()
+    return z.div_(temperature) if temperature != 1.0 else z
 
 
 def response_logprobs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, context_length: int,
