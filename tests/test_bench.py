@@ -143,7 +143,7 @@ def test_decode_benchmark_json_lines():
     assert [(x["impl"], x["batch"]) for x in steps] == [("ours", 1), ("transformers", 1), ("ours", 2), ("transformers", 2)]
     for x in steps:
         assert x["kind"] == "generate" and x["ms_per_step"] > 0 and x["bandwidth_gbs"] > 0
-        assert 0 < x["mbu"] and x["response_length"] == 4 and x["prompt_length"] == 8
+        assert 0 < x["mbu"] and x["response_length"] == 4 and x["prompt_length"] == 8 and x["device"] == "cpu"
     # bytes a step reads: the weights (tied embeddings once) plus the KV cache, which grows with the batch
     assert steps[2]["bytes_per_step"] > steps[0]["bytes_per_step"]
     ratios = [x for x in lines if "ratio" in x]

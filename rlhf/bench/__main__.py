@@ -239,7 +239,7 @@ def main(argv=None) -> int:
 
         s = a.plans[0][0]
         run_generate(s, a.sweep_batches, a.sweep_lengths, s.prompt_length, a.precision,
-                     a.rounds, a.threads)
+                     a.rounds, a.threads, a.device)
         return 0
     if a.scaling is not None:
         return run_scaling(a)

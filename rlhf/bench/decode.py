@@ -2,10 +2,11 @@
 
     python -m rlhf.bench --kind generate                     # GPT-2 small shape, batch 1, 8, 32 x 32..256 tokens
     python -m rlhf.bench --kind generate --preset small --batches 8 --response-lengths 64 --precision fp32
+    python -m rlhf.bench --kind generate --device cuda    # on a GPU (part `decode` of rlhf.bench.gpu_check)
 
 One JSON line per (implementation, batch, response length): {"kind": "generate", "impl": "ours" |
 "transformers", "batch", "prompt_length", "response_length", "ms_per_step", "mbu", "bytes_per_step",
-"bandwidth_gbs", "precision", "threads", "machine"}, then one per (batch, length) with "ratio"
+"bandwidth_gbs", "precision", "threads", "device", "machine"}, then one per (batch, length) with "ratio"
 (transformers' ms per step over ours: above 1, ours is faster).
 
 How: a random-init GPT-2 of the preset's shape (the weights do not change the cost), left-padded
@@ -15,7 +16,7 @@ token) at temperature 1. Ours is `rlhf.models.sampling.sample`, the rollout samp
 token) / (R - 1), so the prefill is not counted; the best of `--rounds` is kept. MBU, as LLM-serving
 benchmarks report it: the bytes a decode step must read (every weight once, the LM head included,
 plus the KV cache at the step's mean context length) per step time, over the memory bandwidth this
-command measures (a large tensor copy: bytes read + written per second), with the weights counted at
+command measures (a large tensor copy on the device: bytes read + written per second), with the weights counted at
 the benchmark's precision. In `bf16`, ours runs as the rollout does under Lightning's bf16-mixed (fp32
 weights, a bf16 autocast whose weight casts are cached for the rollout, the LM head in fp32), and
 transformers' `generate` on a bf16 copy of the model, as inference usually runs it.
@@ -28,17 +29,26 @@ import time
 from rlhf.bench.common import machine_name
 
 
-def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
-    """Best GB/s of copying an `mb` MB tensor into another (read + write bytes per second)."""
+def _sync(device: str) -> None:
     import torch
 
-    src = torch.ones(mb * 2**20 // 4)
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bandwidth_gbs(mb: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Best GB/s of copying an `mb` MB tensor into another on `device` (read + write bytes per second)."""
+    import torch
+
+    src = torch.ones(mb * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = 0.0
     for _ in range(repeats):
+        _sync(device)
         t = time.perf_counter()
         dst.copy_(src)
+        _sync(device)
         best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - t) / 1e9)
     return best
 
@@ -53,40 +63,44 @@ def step_bytes(model, batch: int, prompt_length: int, response_length: int, elem
     return int((sum(params.values()) + kv) * elem)
 
 
-def _timed(fn, rounds: int) -> float:
+def _timed(fn, rounds: int, device: str = "cpu") -> float:
     best = float("inf")
     for _ in range(rounds):
+        _sync(device)
         t = time.perf_counter()
         fn()
+        _sync(device)
         best = min(best, time.perf_counter() - t)
     return best
 
 
 def measure(model, impl: str, batch: int, prompt_length: int, response_length: int, rounds: int,
             autocast: bool = False) -> float:
-    """Milliseconds per decode step (prefill excluded) of `impl` on this model (`autocast`: in bf16)."""
+    """Milliseconds per decode step (prefill excluded) of `impl` on this model, on the model's device
+    (`autocast`: in bf16)."""
     import torch
 
     from rlhf.models.sampling import sample
 
+    device = next(model.parameters()).device.type
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_length), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt_length), generator=g).to(device)
     mask = torch.ones_like(ids)
 
     def run(n):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             if impl == "ours":
                 sample(model, ids, mask, n, 1.0, 0, None)
             else:
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=0)
     run(2)  # warm-up
-    full, one = _timed(lambda: run(response_length), rounds), _timed(lambda: run(1), rounds)
+    full, one = _timed(lambda: run(response_length), rounds, device), _timed(lambda: run(1), rounds, device)
     return (full - one) / (response_length - 1) * 1000
 
 
 def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: int, precision: str,
-                 rounds: int, threads: int) -> list[dict]:
+                 rounds: int, threads: int, device: str = "cpu") -> list[dict]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -100,7 +114,8 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
     models = {"ours": model, "transformers": GPT2LMHeadModel(cfg).to(torch.bfloat16).eval() if bf16 else model}
     if bf16:
         models["transformers"].load_state_dict(model.state_dict())
-    bw = bandwidth_gbs()
+    models = {k: m.to(device) for k, m in models.items()}
+    bw = bandwidth_gbs(device=device)
     rows = []
     for b in batches:
         for r in lengths:
@@ -112,7 +127,8 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
                        "response_length": r, "ms_per_step": round(ms[impl], 3),
                        "mbu": round(nbytes / (ms[impl] / 1000) / (bw * 1e9), 4), "bytes_per_step": nbytes,
                        "bandwidth_gbs": round(bw, 2), "precision": precision, "threads": threads,
-                       "shape": f"{shape.layers}x{shape.dim}", "machine": machine_name()}
+                       "shape": f"{shape.layers}x{shape.dim}", "device": device,
+                       "machine": machine_name() if device == "cpu" else torch.cuda.get_device_name()}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             cmp = {"kind": "generate", "batch": b, "response_length": r, "ours_ms": round(ms["ours"], 3),
