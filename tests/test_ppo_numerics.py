@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from rlhf.algorithms.core import truncate_after_stop
+from rlhf.models.causal_lm import fast_fp32_matmul
 from rlhf.models.reward import token_values
 from rlhf.models.sampling import response_logits, sample
 from rlhf.stages.common import adamw, clip_each
@@ -83,8 +84,11 @@ def test_heads_compute_in_fp32_under_bf16_autocast(trained_artifacts, tmp_path):
         _, gen_logits = sample(policy, ids, mask, 2, 1.0, tok.pad_token_id, None, generator=torch.Generator().manual_seed(0))
     assert logits.dtype == values.dtype == gen_logits.dtype == torch.float32
     # Exactly the fp32 product of the (fp32) hidden states with the head: nothing was rounded to bf16.
-    assert torch.equal(logits, hidden[:, 2:-1].float() @ head.weight.float().T)
-    assert torch.equal(gen_logits[:, 0], hidden[:, -1].float() @ head.weight.float().T)
+    # (Computed as the heads compute it: on oneDNN's fp32 kernels where `fast_fp32_matmul` found them exact.)
+    with fast_fp32_matmul("cpu"):
+        expected, expected_gen = hidden[:, 2:-1].float() @ head.weight.float().T, hidden[:, -1].float() @ head.weight.float().T
+    assert torch.equal(logits, expected)
+    assert torch.equal(gen_logits[:, 0], expected_gen)
 
 
 def _gpt2_like_logits(model, offset: float = -100.0) -> None:

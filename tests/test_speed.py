@@ -131,3 +131,28 @@ def test_frozen_models_bf16_matmul_weights_compute_the_same_under_autocast():
     assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     assert model.transformer.wte.weight.dtype == torch.float32  # also the tied LM head
     assert model.transformer.h[0].ln_1.weight.dtype == torch.float32
+
+
+def test_fast_fp32_matmul_stays_fp32_and_restores_the_setting(monkeypatch):
+    """The heads' oneDNN fp32 path: used only where the probe found it exact, fp32-accurate at GPT-2's
+    logit magnitudes (bf16 inputs would be off by tenths), and the global setting is put back."""
+    from rlhf.models import causal_lm
+
+    setting = torch.backends.mkldnn.matmul
+    before = setting.fp32_precision
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3000, 256, generator=g) * 0.05 + 2.0 / 16  # every logit near -100 below
+    h = torch.randn(8, 256, generator=g) - 50.0 / 16
+    exact = h.double() @ w.double().T
+    used = []
+    probe = causal_lm._onednn_fast_fp32_is_exact()  # this CPU's answer: where it is no, only the fallback is checked
+    for found_exact in ((True,) if probe else ()) + (False,):
+        monkeypatch.setattr(causal_lm, "_onednn_fast_fp32_is_exact", lambda e=found_exact: e)
+        with causal_lm.fast_fp32_matmul("cpu"):
+            used.append(setting.fp32_precision)
+            z = h @ w.T
+        assert setting.fp32_precision == before
+        assert z.dtype == torch.float32 and (z.double() - exact).abs().max() < 1e-3  # |z| ~ 100
+    assert used == (["bf16"] if probe else []) + [before]
+    with causal_lm.fast_fp32_matmul("cuda"):  # other devices: untouched
+        assert setting.fp32_precision == before

@@ -7,6 +7,7 @@ those would show up as spurious KL and ratio != 1 (N+ implementation details, se
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, field
@@ -151,9 +152,50 @@ def head_fp32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     mantissa: at GPT-2's logit magnitudes that moves a log-prob by tenths of a nat, as much as
     PPO's clip range, and differently in the cached sampler and in the training forward.
     The hidden states reaching a head are fp32 already (autocast keeps layer norms in fp32).
+    On CPU the matmul takes oneDNN's fast fp32 path where it is exact (`fast_fp32_matmul`).
     """
-    with torch.autocast(hidden.device.type, enabled=False):
+    with torch.autocast(hidden.device.type, enabled=False), fast_fp32_matmul(hidden.device.type):
         return head(hidden.float())
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_fast_fp32_is_exact() -> bool:
+    """Whether fp32 matmuls under `torch.backends.mkldnn.matmul.fp32_precision = "bf16"` still give
+    fp32 results on this CPU, probed once at GPT-2's logit magnitudes, skinny (decoding) and wide.
+
+    That setting allows oneDNN to round fp32 inputs to bf16; where it does, the logits move by about
+    2^-9 of their size (tenths of a nat at GPT-2's) and the path is not used. Where it does not
+    (the AVX-512 BF16 machine this was measured on), oneDNN's fp32 kernels run the LM head's skinny
+    matmuls up to 3x faster than the default ones (docs/benchmark.md).
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(768, generator=g)
+    w = torch.randn(2048, 768, generator=g) * 0.05 + direction / direction.norm() * 2.0
+    for n in (8, 512):
+        h = torch.randn(n, 768, generator=g) - direction / direction.norm() * 50.0  # logits near -100
+        exact = h.double() @ w.double().T
+        with fast_fp32_matmul("cpu", probe=False):
+            z = h @ w.T
+        if ((z.double() - exact).abs().max() / exact.abs().max()).item() > 1e-5:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def fast_fp32_matmul(device_type: str, probe: bool = True):
+    """fp32 matmuls inside run on oneDNN's faster fp32 kernels, on CPU and only where that stays exact."""
+    matmul = torch.backends.mkldnn.matmul
+    if device_type != "cpu" or (probe and not _onednn_fast_fp32_is_exact()):
+        yield
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
 
 
 def output_heads(model: nn.Module) -> list[nn.Module]:

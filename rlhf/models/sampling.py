@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.algorithms.core import logprobs_from_logits, position_ids_from_mask
-from rlhf.models.causal_lm import head_fp32
+from rlhf.models.causal_lm import fast_fp32_matmul, head_fp32
 
 
 @contextmanager
@@ -175,7 +175,7 @@ class _HeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, want_entropy):
-        with torch.autocast(hidden.device.type, enabled=False):
+        with torch.autocast(hidden.device.type, enabled=False), fast_fp32_matmul(hidden.device.type):
             h = hidden.reshape(-1, hidden.shape[-1]).float()
             w = weight.float()
             n = h.shape[0]
@@ -214,7 +214,7 @@ class _HeadLogProbs(torch.autograd.Function):
         h, weight, kept, idx, lse = ctx.saved_tensors
         g = grad_logp.reshape(1, -1).float()
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        with torch.autocast(h.device.type, enabled=False):
+        with torch.autocast(h.device.type, enabled=False), fast_fp32_matmul(h.device.type):
             w = weight.float()
             grad_h = h.new_empty(h.shape) if want_h else None
             grad_w = torch.zeros_like(w) if want_w else None
