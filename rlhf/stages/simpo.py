@@ -24,9 +24,10 @@ from rlhf.stages.preference import PreferenceConfig, PreferenceModule
 @dataclass
 class SimPOConfig(PreferenceConfig):
     lr: float = 2e-4  # AdamW peak learning rate (the root `lr` overrides it)
+    batch_size: int = 32  # preference pairs per step: 16 fell below the learning bar on some seeds (docs/algorithms.md)
     max_steps: int = 150  # optimizer steps (trainer.max_steps overrides)
     beta: float = 2.5  # reward scale: rewards are beta * mean per-token log-prob
-    gamma: float = 3.0  # target reward margin (TRL's simpo_gamma); smaller margins learned too little here (docs/algorithms.md)
+    gamma: float = 5.0  # target reward margin (TRL's simpo_gamma); the best of 0.5-7 over three seeds here (docs/algorithms.md)
     # Default 1 (CPO-SimPO): pure SimPO (0) lengthens the responses and drifts away from the SFT policy
     # on the synthetic task (measured in docs/algorithms.md).
     cpo_alpha: float = 1.0  # weight of the chosen responses' NLL added to the loss (CPO-SimPO; TRL's cpo_alpha)
