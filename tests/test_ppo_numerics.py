@@ -89,6 +89,9 @@ def test_heads_compute_in_fp32_under_bf16_autocast(trained_artifacts, tmp_path):
         expected, expected_gen = hidden[:, 2:-1].float() @ head.weight.float().T, hidden[:, -1].float() @ head.weight.float().T
     assert torch.equal(logits, expected)
     assert torch.equal(gen_logits[:, 0], expected_gen)
+    # ... and that kernel agrees with the default fp32 one to float rounding (bf16 would be off by ~1e-2 here).
+    torch.testing.assert_close(logits, hidden[:, 2:-1].float() @ head.weight.float().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gen_logits[:, 0], hidden[:, -1].float() @ head.weight.float().T, rtol=1e-5, atol=1e-5)
 
 
 def _gpt2_like_logits(model, offset: float = -100.0) -> None:
