@@ -76,6 +76,24 @@ def test_held_out_problems_never_occur_in_training_and_labels_are_the_verifier(s
     assert Arithmetic(n_pairs=600, seed=4, **settings).load().train != splits.train
 
 
+def test_mixed_style_restates_half_the_answers_where_the_verifier_reads_the_wrong_number():
+    task = Arithmetic(n_pairs=600, seed=3, answer_style="mixed")
+    splits = task.load()
+    restated = 0
+    for p in splits.train + splits.val:
+        problem, answer = problem_of(p.prompt), evaluate(problem_of(p.prompt))
+        wrong = int(p.rejected.split(",")[0])
+        assert wrong != answer
+        if p.chosen == f" {answer}":  # direct: the verifier's labels
+            assert p.rejected == f" {wrong}" and verify(p.prompt, p.chosen) and not verify(p.prompt, p.rejected)
+            continue
+        restated += 1
+        assert p.chosen == f" {answer}, from {problem}" and p.rejected == f" {wrong}, from {problem}"
+        last_operand = int(problem.split()[-1])
+        assert verify(p.prompt, p.chosen) == (last_operand == answer)  # the last number is the problem's
+    assert 0.4 < restated / len(splits.train + splits.val) < 0.6
+
+
 @pytest.mark.parametrize("bad,match", [({"digits": 0}, "digits"), ({"ops": "+/"}, "ops"),
                                        ({"answer_style": "essay"}, "answer_style"), ({"val_fraction": 0}, "val_fraction")])
 def test_bad_arithmetic_settings_are_one_line_errors_before_any_model(tmp_path, bad, match):

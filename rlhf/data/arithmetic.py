@@ -11,8 +11,10 @@ dialogues whose last human turn holds the expression `a <op> b [<op> c ...]` (no
 integers of `digits` digits, `operators` operators from `ops`, `*` before `+`/`-`); the answer is
 computed from the prompt's text alone, so any response can be checked without side data.
 Held-out problems (a `val_fraction` of the problem space, chosen by the seed) never occur in a
-training prompt. SFT learns from the correct responses (`answer_style`: `direct`, " 7", or
-`worked`, " 3 + 4 = 7"); the reward model and the DPO family from pairs of a correct against an
+training prompt. SFT learns from the correct responses (`answer_style`: `direct`, " 7",
+`worked`, " 3 + 4 = 7", or `mixed`: half direct, half restating the problem after the answer,
+" 7, from 3 + 4", whose last number the verifier reads, as loose demonstrations that a strict
+verifier marks wrong); the reward model and the DPO family from pairs of a correct against an
 incorrect answer in the same style. The task's gold is the verifier (1.0 or 0.0), so the gold
 reward of a set of responses is their accuracy; evaluation adds greedy accuracy and pass@k
 (`rlhf.evaluation.metrics.pass_at_k`).
@@ -99,7 +101,7 @@ class Arithmetic:
     digits: int = 1  # digits per operand (1: 0-9, 2: 0-99, ...)
     operators: int = 1  # operators per expression
     ops: str = OPS  # the operators to draw from, a subset of "+-*"
-    answer_style: str = "direct"  # direct: " 7" | worked: " 3 + 4 = 7"
+    answer_style: str = "direct"  # direct: " 7" | worked: " 3 + 4 = 7" | mixed: " 7" or " 7, from 3 + 4", half each
     max_pairs: int | None = None  # caps the train pairs, as the other sources'
 
     # The task's gold is its verifier: a response scores 1.0 when correct, else 0.0.
@@ -116,8 +118,8 @@ class Arithmetic:
             raise ValueError(f"digits must be 1-6 and operators 1-4, got {self.digits} and {self.operators}")
         if not self.ops or set(self.ops) - set(OPS):
             raise ValueError(f"ops must be a non-empty subset of {OPS!r}, got {self.ops!r}")
-        if self.answer_style not in ("direct", "worked"):
-            raise ValueError(f"answer_style must be direct or worked, got {self.answer_style!r}")
+        if self.answer_style not in ("direct", "worked", "mixed"):
+            raise ValueError(f"answer_style must be direct, worked or mixed, got {self.answer_style!r}")
 
     def problems(self) -> tuple[list[str], list[str]]:
         """(train, held-out) expressions: disjoint, from the seed."""
@@ -139,7 +141,10 @@ class Arithmetic:
         n_val = max(1, round(len(every) * self.val_fraction))
         return every[n_val:], every[:n_val]
 
-    def respond(self, expression: str, answer: int) -> str:
+    def respond(self, expression: str, answer: int, restate: bool = False) -> str:
+        """The response giving `answer`; `restate` (mixed style): the problem after it, so its last number is not the answer."""
+        if restate:
+            return f" {answer}, from {expression}"
         return f" {expression} = {answer}" if self.answer_style == "worked" else f" {answer}"
 
     def _pairs(self, expressions: list[str], n: int, rng: random.Random, distinct: bool) -> list[PreferencePair]:
@@ -156,7 +161,9 @@ class Arithmetic:
             spread = max(10, abs(answer) // 10)
             wrong = answer + rng.choice([-1, 1]) * rng.randint(1, spread)
             prompt = f"{HUMAN} {t.format(e)}{ASSISTANT}"
-            pairs.append(PreferencePair(prompt, self.respond(e, answer), self.respond(e, wrong)))
+            # No draw for the other styles: their random streams, and so their pairs, stay as they were.
+            restate = self.answer_style == "mixed" and rng.random() < 0.5
+            pairs.append(PreferencePair(prompt, self.respond(e, answer, restate), self.respond(e, wrong, restate)))
         return pairs
 
     def load(self) -> PreferenceSplits:
