@@ -24,7 +24,8 @@ negative_kl            mean KL over w < -negative_kl_tol and its t = mean / (sd 
                        <= -negative_kl_t
 entropy_collapse       entropy per token (sum(entropy) / sum(response_length) over w; the summed
                        entropy's mean without a length column) < entropy_frac * its first value
-length_drift           mean length over w / its first value > 1 + length_rise or < 1 - length_fall
+length_drift           mean length over w / the mean of the first 3 rows (the start) > 1 + length_rise
+                       or < 1 - length_fall
 length_hacking         Pearson r(reward_score, response_length) over w >= hacking_corr while that
                        length ratio >= 1 + hacking_rise
 clipfrac_high          median clipfrac over w >= clipfrac_max (per token); clipfrac_seq (a loss whose
@@ -242,10 +243,23 @@ def _entropy_collapse(c, t):
         f"({th / t.entropy_frac:.3g}): the policy is turning deterministic")
 
 
+START_ROWS = 3  # the length's start: rows before the policy has moved far (a whole first window can hold a jump)
+
+
 def _length_ratio(c, t):
-    mean = _roll(c["response_length"], t.window).mean().to_numpy()
+    length = np.asarray(c["response_length"], dtype=float)
+    mean = _roll(length, t.window).mean().to_numpy()
+    # The start is the first START_ROWS finite rows' mean, known once the first window is (w >= 2 rows),
+    # at the latest: a policy that doubles its length within its first window is judged against where
+    # it began, not against a window that already holds the jump (the length trap's seeds 0 and 2).
+    finite = np.flatnonzero(np.isfinite(length))
+    if len(finite) == 0:
+        return np.full_like(mean, np.nan)
+    first = finite[:min(START_ROWS, t.window)]
+    start = np.full_like(mean, np.nan)
+    start[max(first[-1], t.window - 1):] = length[first].mean()
     with np.errstate(divide="ignore", invalid="ignore"):
-        return mean / _first_finite(mean)
+        return mean / start
 
 
 def _length_drift(c, t):

@@ -114,6 +114,20 @@ def test_length_drift_both_ways():
     assert AT <= alarms["length_drift"].step <= AT + W and "length_hacking" not in alarms
 
 
+def test_length_doubling_within_the_first_window_is_judged_against_the_start():
+    # The length trap's PPO doubles its responses in its first updates, then holds them: judged
+    # against a first window that already holds the jump, length_hacking never fired on two of three seeds.
+    df = clean()
+    m = rows_from(df, 2)
+    j = np.arange(1, m.sum() + 1).clip(max=6)
+    growth = 1.0 + 0.17 * j  # x2 by step 7, then flat
+    df.loc[m, "entropy"] *= growth
+    df.loc[m, "response_length"] *= growth
+    df.loc[m, "reward_score"] += 0.1 * j
+    alarms = {a.name: a for a in detect(df)[0]}
+    assert alarms["length_hacking"].step == W and alarms["length_drift"].step <= W + 5
+
+
 def test_each_name_once_at_its_first_step():
     df = clean()
     for fault in (kl_spike, clipfrac, nan):
