@@ -249,15 +249,14 @@ START_ROWS = 3  # the length's start: rows before the policy has moved far (a wh
 def _length_ratio(c, t):
     length = np.asarray(c["response_length"], dtype=float)
     mean = _roll(length, t.window).mean().to_numpy()
-    # The start is the first START_ROWS finite rows' mean, known once the first window is (w >= 2 rows),
-    # at the latest: a policy that doubles its length within its first window is judged against where
-    # it began, not against a window that already holds the jump (the length trap's seeds 0 and 2).
+    # The start is the mean of the first finite rows (no more than a window), known from the last of
+    # them on: a policy that doubles its length within its first window is judged against where it
+    # began, not against a window that already holds the jump (the length trap's seeds 0 and 2).
     finite = np.flatnonzero(np.isfinite(length))
-    if len(finite) == 0:
-        return np.full_like(mean, np.nan)
-    first = finite[:min(START_ROWS, t.window)]
     start = np.full_like(mean, np.nan)
-    start[max(first[-1], t.window - 1):] = length[first].mean()
+    if len(finite):
+        first = finite[:min(START_ROWS, t.window)]
+        start[first[-1]:] = length[first].mean()
     with np.errstate(divide="ignore", invalid="ignore"):
         return mean / start
 
