@@ -156,21 +156,34 @@ def test_bad_eval_sampling_settings_are_refused(tmp_path, compose_cfg):
 
 def test_length_trap_labels_favour_longer_responses_and_the_default_task_does_not():
     plain = SyntheticPreferences(n_pairs=2000, seed=5).load().train
-    trap = LengthTrap(n_pairs=2000, seed=5).load().train
+    source = LengthTrap(n_pairs=2000, seed=5)
+    trap = source.load().train
 
-    def shares(pairs):
+    def shares(pairs, gold):
         longer = sum(len(_words(p.chosen)) > len(_words(p.rejected)) for p in pairs) / len(pairs)
-        gold = sum(gold_reward(p.prompt, p.chosen) > gold_reward(p.prompt, p.rejected) for p in pairs) / len(pairs)
-        return longer, gold
+        agree = sum(gold(p.prompt, p.chosen) > gold(p.prompt, p.rejected) for p in pairs) / len(pairs)
+        return longer, agree
 
-    plain_longer, plain_gold = shares(plain)
-    trap_longer, trap_gold = shares(trap)
+    plain_longer, plain_gold = shares(plain, gold_reward)
+    trap_longer, trap_gold = shares(trap, source.gold)
     assert plain_gold == 1.0 and plain_longer < 0.5  # the gold's repeat penalty makes longer worse, if anything
     assert trap_longer > plain_longer + 0.2 and 0.6 < trap_gold < 0.9
     assert LengthTrap(n_pairs=2000, seed=5, length_bias=0.0).load().train != trap
-    # With no bias the labels are the gold's again.
-    unbiased = LengthTrap(n_pairs=500, seed=5, length_bias=0.0).load().train
-    assert all(gold_reward(p.prompt, p.chosen) > gold_reward(p.prompt, p.rejected) for p in unbiased)
+    # With no bias the labels are the task's gold again.
+    unbiased_source = LengthTrap(n_pairs=500, seed=5, length_bias=0.0)
+    unbiased = unbiased_source.load().train
+    assert all(unbiased_source.gold(p.prompt, p.chosen) > unbiased_source.gold(p.prompt, p.rejected) for p in unbiased)
+
+
+def test_length_trap_gold_charges_its_repeat_penalty_per_repeated_word():
+    prompt = "\n\nHuman: Any tips on cooking?\n\nAssistant:"
+    fresh, padded = " recipe oven salt", " recipe oven salt recipe oven salt"
+    trap = LengthTrap()
+    assert trap.gold(prompt, fresh) == gold_reward(prompt, fresh) == 0.5  # no repeats: the synthetic gold
+    # Three repeats of six words: each repeated on-topic word nets 0.5 - repeat_penalty.
+    assert trap.gold(prompt, padded) == pytest.approx(0.5 - trap.repeat_penalty * 3 / 6)
+    assert trap.gold(prompt, padded) < gold_reward(prompt, padded) == pytest.approx(0.25)
+    assert LengthTrap(repeat_penalty=0.5).gold(prompt, padded) == gold_reward(prompt, padded)
 
 
 def test_length_trap_refuses_bad_settings():
@@ -178,6 +191,8 @@ def test_length_trap_refuses_bad_settings():
         LengthTrap(length_bias=1.5)
     with pytest.raises(ValueError, match="min_words"):
         LengthTrap(min_words=5, max_words=3)
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        LengthTrap(repeat_penalty=-1.0)
 
 
 # ----- every task config -----
@@ -216,10 +231,11 @@ def test_a_reward_model_trained_on_the_length_trap_prefers_longer_responses(tmp_
     from rlhf.models.tokenizer import load_tokenizer
     from rlhf.training.pipeline import train
 
-    held_out = LengthTrap(n_pairs=2000, seed=42).load().val
+    source = LengthTrap(n_pairs=2000, seed=42)
+    held_out = source.load().val
     pairs = [(p.prompt, long, short) for p in held_out
              for long, short in [sorted((p.chosen, p.rejected), key=lambda r: -len(_words(r)))]
-             if len(_words(long)) > len(_words(short)) and gold_reward(p.prompt, short) > gold_reward(p.prompt, long)]
+             if len(_words(long)) > len(_words(short)) and source.gold(p.prompt, short) > source.gold(p.prompt, long)]
     assert len(pairs) >= 20
     prefers_longer = {}
     for task in ("synthetic", "length_trap"):
@@ -240,3 +256,25 @@ def test_a_reward_model_trained_on_the_length_trap_prefers_longer_responses(tmp_
         prefers_longer[task] = (longer > shorter).float().mean().item()
     assert prefers_longer["synthetic"] < 0.35, prefers_longer  # the gold's labels: the shorter, better one
     assert prefers_longer["length_trap"] > prefers_longer["synthetic"] + 0.2, prefers_longer
+
+
+@pytest.mark.slow
+def test_ppo_on_the_length_trap_over_optimises_and_the_diagnostics_say_so(tmp_path, compose_cfg):
+    """The trap's own settings (`python train.py data=length_trap`, SFT -> RM -> PPO, about 4 minutes):
+    the proxy keeps rising while the gold rises, peaks and falls below its best, `length_hacking`
+    fires during training, and the over-optimisation fit over eval.csv finds the run past the peak."""
+    import pandas as pd
+
+    from analysis.overoptimisation import analyse
+    from rlhf.training.pipeline import train
+
+    summary = train(compose_cfg(tmp_path, "data=length_trap", "seed=42"))
+    ev = pd.read_csv(tmp_path / "ppo" / "eval.csv")
+    best = int(ev["gold"].idxmax())
+    assert ev["reward"].iloc[-1] > ev["reward"].iloc[best] > ev["reward"].iloc[0]  # the proxy climbs on
+    assert ev["gold"].iloc[best] > ev["gold"].iloc[0] + 0.05  # the gold rose first ...
+    assert 0 < best < len(ev) - 3 and ev["gold"].iloc[-3:].mean() < ev["gold"].iloc[best] - 0.05  # ... then fell
+    assert ev["response_length"].iloc[-1] > 1.5 * ev["response_length"].iloc[0]
+    assert "length_hacking" in {a["name"] for a in summary["alarms"]}, summary["alarms"]
+    fit = analyse(ev)
+    assert fit["alpha"] is not None and fit["past_peak"], fit  # enough points for the fit, and past the peak

@@ -79,17 +79,17 @@ def prompt_topic(prompt: str) -> str | None:
     return None
 
 
-def gold_reward(prompt: str, response: str) -> float:
+def gold_reward(prompt: str, response: str, repeat_penalty: float = REPEAT_PENALTY) -> float:
     """Ground-truth score of `response` to `prompt`; higher is better.
 
-    gold = mean over the response's words of value(word) - 0.5 * (repeats / n_words), where
+    gold = mean over the response's words of value(word) - repeat_penalty * (repeats / n_words), where
       value = +0.5 on-topic (a word of the topic named in the prompt's LAST human turn),
               +0.5 polite, -0.25 other-topic (a word of any other topic), -1 rude,
               0 filler and unknown words;
       repeats = number of words equal to an earlier word of the same response.
     Words: lowercased, punctuation turned into spaces, split on whitespace.
     A response with no words scores -1. If the prompt names no topic, topic words score 0.
-    Range: [-1.5, 0.5].
+    `repeat_penalty` is 0.5 (the synthetic task's); range then [-1.5, 0.5].
     """
     words = _words(response)
     if not words:
@@ -109,7 +109,7 @@ def gold_reward(prompt: str, response: str) -> float:
         elif w in _RUDE:
             total += RUDE_VALUE
     n = len(words)
-    return total / n - REPEAT_PENALTY * repeats / n
+    return total / n - repeat_penalty * repeats / n
 
 
 def gold_reward_batch(prompts: list[str], responses: list[str]) -> list[float]:
@@ -152,7 +152,8 @@ def _prompt(rng: random.Random, templates: tuple[str, ...]) -> str:
 
 def generate_pairs(n_pairs: int, seed: int | str = 0, tie_margin: float = TIE_MARGIN,
                    templates: tuple[str, ...] = TEMPLATES, length_bias: float = 0.0,
-                   words: tuple[int, int] = (MIN_WORDS, MAX_WORDS)) -> list[PreferencePair]:
+                   words: tuple[int, int] = (MIN_WORDS, MAX_WORDS),
+                   repeat_penalty: float = REPEAT_PENALTY) -> list[PreferencePair]:
     """`n_pairs` pairs: two responses to one prompt, chosen = higher gold, near-ties skipped.
 
     With `length_bias` > 0 (the length_trap task), each pair's label goes to the response with more
@@ -164,7 +165,7 @@ def generate_pairs(n_pairs: int, seed: int | str = 0, tie_margin: float = TIE_MA
         prompt = _prompt(rng, templates)
         topic = prompt_topic(prompt)
         a, b = _response(rng, topic, words), _response(rng, topic, words)
-        ga, gb = gold_reward(prompt, a), gold_reward(prompt, b)
+        ga, gb = gold_reward(prompt, a, repeat_penalty), gold_reward(prompt, b, repeat_penalty)
         if abs(ga - gb) < tie_margin:
             continue  # a near-tie is a noisy label; skipping keeps gold labels unambiguous
         chosen, rejected = (a, b) if ga > gb else (b, a)
