@@ -66,7 +66,7 @@ def test_root_lr_and_kl_coef_feed_the_algorithm(tmp_path, algo):
     assert cfg.sft.lr != 1e-4  # SFT and RM keep their own
 
 
-@pytest.mark.parametrize("data", ["synthetic", "hh_rlhf"])
+@pytest.mark.parametrize("data", ["synthetic", "hh_rlhf", "length_trap"])
 def test_debug_fast_shortens_every_stage_of_every_algorithm(tmp_path, data):
     from rlhf.training.plan import apply_every_stage, stage_config
 
@@ -79,6 +79,8 @@ def test_debug_fast_shortens_every_stage_of_every_algorithm(tmp_path, data):
             assert conf.eval_prompts == 16, name
     assert cfg.data.max_pairs == 256
     assert cfg.every_stage is None  # applied once: the saved config (and a resume) holds the values
+    if data == "length_trap":  # the task's own every_stage merges with debug=fast's, not replaced by it
+        assert all(cfg[name].response_length == 24 for name in stages() if "response_length" in cfg[name])
 
 
 def test_a_stage_setting_on_the_command_line_wins_over_debug_fast(tmp_path):
