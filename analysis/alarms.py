@@ -40,6 +40,14 @@ non_finite             NaN or inf in a numeric column other than step; a NaN cou
                        scorer stay empty), always in ``policy_loss`` and ``reward_score``
 =====================  ==========================================================================
 
+Stages that do not sample while training (DPO and the rest of the preference family) log no
+``response_length``; for them the two length rules judge the held-out evaluation points instead
+(``eval.csv``, :func:`detect_eval`): each point's mean length over the same prompts and random
+numbers, against the first point (the start policy), with ``EVAL_WINDOW`` points per trailing
+window and the proxy's ``reward`` as ``reward_score``. Points that start away from the reference
+(``start_off_reference``: a stage trained from the base model, ORPO, compared with the SFT policy)
+have no start to compare with, and the rules say so instead of firing.
+
 Infinite values are treated as missing by every detector but ``non_finite``, which reports them
 once. ``detect`` costs a few milliseconds on a few thousand rows (pandas rolling windows).
 
@@ -50,7 +58,7 @@ Scale: every rule but ``kl_blowup``'s ceiling compares a metric with the run's o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -100,6 +108,11 @@ class Thresholds:
     clipfrac_seq_max: float = 0.8
     # approx KL per update (0.5 mean(logratio^2)); PPO early-stop targets are 0.01-0.05
     approxkl_max: float = 0.05
+    # rows averaged as the length rules' start: few enough to precede a fast move (a whole first window
+    # can hold a jump), enough to average a batch's noise
+    start_rows: int = 3
+    # what a row is, for the messages
+    unit: str = "steps"
     # value loss back above ten times its best window mean: the critic is diverging ...
     value_loss_factor: float = 10.0
     # ... with "best" floored at 1% of the first window so a near-zero best does not make noise count
@@ -108,6 +121,8 @@ class Thresholds:
     def __post_init__(self):
         if not isinstance(self.window, (int, np.integer)) or self.window < 2:
             raise ValueError(f"window must be an integer >= 2, got {self.window!r}")
+        if not isinstance(self.start_rows, (int, np.integer)) or self.start_rows < 1:
+            raise ValueError(f"start_rows must be an integer >= 1, got {self.start_rows!r}")
 
 
 @dataclass(frozen=True)
@@ -243,9 +258,6 @@ def _entropy_collapse(c, t):
         f"({th / t.entropy_frac:.3g}): the policy is turning deterministic")
 
 
-START_ROWS = 3  # the length's start: rows before the policy has moved far (a whole first window can hold a jump)
-
-
 def _length_ratio(c, t):
     length = np.asarray(c["response_length"], dtype=float)
     mean = _roll(length, t.window).mean().to_numpy()
@@ -255,7 +267,7 @@ def _length_ratio(c, t):
     finite = np.flatnonzero(np.isfinite(length))
     start = np.full_like(mean, np.nan)
     if len(finite):
-        first = finite[:min(START_ROWS, t.window)]
+        first = finite[:min(t.start_rows, t.window)]
         start[first[-1]:] = length[first].mean()
     with np.errstate(divide="ignore", invalid="ignore"):
         return mean / start
@@ -266,7 +278,7 @@ def _length_drift(c, t):
     up, down = ratio > 1 + t.length_rise, ratio < 1 - t.length_fall
     thr = np.where(ratio >= 1, 1 + t.length_rise, 1 - t.length_fall)
     return ratio, thr, up | down, lambda v, th, s: (
-        f"mean response length over {t.window} steps is {v:.3g} x its start at step {s} "
+        f"mean response length over {t.window} {t.unit} is {v:.3g} x its start at step {s} "
         f"(limits {1 - t.length_fall:g}-{1 + t.length_rise:g})")
 
 
@@ -277,7 +289,7 @@ def _length_hacking(c, t):
             pd.Series(c["response_length"])).to_numpy()
     fire = (r >= t.hacking_corr) & (ratio >= 1 + t.hacking_rise)
     return r, np.full_like(r, t.hacking_corr), fire, lambda v, th, s: (
-        f"reward and response length correlate (r = {v:.2f} >= {th:g} over {t.window} steps) while length "
+        f"reward and response length correlate (r = {v:.2f} >= {th:g} over {t.window} {t.unit}) while length "
         f"grew >= {1 + t.hacking_rise:g} x its start, at step {s}: reward may be bought with length")
 
 
@@ -356,13 +368,17 @@ def _non_finite(df: pd.DataFrame, steps: np.ndarray) -> Alarm | None:
                  f"non-finite value(s) at step {steps[first].item()}: {shown}")
 
 
-def detect(df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list[Alarm], list[str]]:
-    """Run every detector on ``df`` (rows in step order; the columns it has).
+def detect(df: pd.DataFrame, thresholds: Thresholds | None = None,
+           names: tuple[str, ...] = NAMES) -> tuple[list[Alarm], list[str]]:
+    """Run the detectors ``names`` (every one by default) on ``df`` (rows in step order; the columns it has).
 
     Returns ``(alarms, skipped)``: each alarm at most once, at the first step it fires, in
     detector order; and one ``"<detector> skipped: no <column> column"`` line per detector whose
     column is missing (``"... <column> column is empty"`` when it holds no number).
     """
+    unknown = set(names) - set(NAMES)
+    if unknown:
+        raise ValueError(f"unknown alarm(s) {', '.join(sorted(unknown))}; known: {', '.join(NAMES)}")
     t = thresholds or Thresholds()
     steps = df["step"].to_numpy()
     alarms, skipped, cols = [], [], {}
@@ -376,6 +392,8 @@ def detect(df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list
         return None
 
     for name, needs, det in DETECTORS:
+        if name not in names:
+            continue
         use, why = [], None
         for need in needs:  # a column, or alternatives (a column or columns each): the first usable one
             options = [need] if isinstance(need, str) else list(need)
@@ -410,7 +428,39 @@ def detect(df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list
             i = int(fire.argmax())
             alarms.append(Alarm(name, steps[i].item(), float(value[i]), float(thr[i]),
                                 message(float(value[i]), float(thr[i]), steps[i].item())))
-    nf = _non_finite(df, steps) if len(df) else None
+    nf = _non_finite(df, steps) if len(df) and "non_finite" in names else None
     if nf is not None:
         alarms.append(nf)
     return alarms, skipped
+
+
+EVAL_WINDOW = 3  # evaluation points per trailing window: each point already averages its prompts
+EVAL_RULES = ("length_drift", "length_hacking")  # the rules evaluation points can feed
+
+
+def has_lengths(df: pd.DataFrame) -> bool:
+    """Whether a training log holds sampled response lengths (an online stage's do; an offline one's not)."""
+    return "response_length" in df.columns and bool(np.isfinite(_num(df, "response_length")).any())
+
+
+def detect_eval(eval_df: pd.DataFrame, thresholds: Thresholds | None = None) -> tuple[list[Alarm], list[str]]:
+    """The length rules on held-out evaluation points (``eval.csv``'s columns), for a stage whose
+    training log has no sampled lengths: ``EVAL_WINDOW`` points per window, the first point (the
+    start policy, sampled on the same prompts and random numbers as every later one) as the start,
+    the proxy's ``reward`` as ``reward_score``. ``(alarms, skipped)`` as :func:`detect`; nothing
+    fires when the first point is away from the reference (:func:`analysis.load.start_off_reference`)."""
+    from .load import start_off_reference
+
+    t = replace(thresholds or Thresholds(), start_rows=1, unit="evaluations")
+    t = replace(t, window=min(EVAL_WINDOW, t.window))
+    off = start_off_reference(eval_df)
+    if off:
+        return [], [f"{n} (held-out evaluations) skipped: {off}" for n in EVAL_RULES]
+    frame = pd.DataFrame({"step": eval_df["step"].to_numpy()})
+    for src, dst in (("response_length", "response_length"), ("reward", "reward_score")):
+        if src in eval_df.columns:
+            frame[dst] = eval_df[src].to_numpy()
+    alarms, skipped = detect(frame, t, names=EVAL_RULES)
+    alarms = [replace(a, message=f"held-out evaluations: {a.message}") for a in alarms]
+    return alarms, [s.replace(" skipped:", " (held-out evaluations) skipped:", 1).replace("reward_score", "reward")
+                    for s in skipped]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,25 @@ def load_eval(path: str | Path) -> pd.DataFrame | None:
     df = df.sort_values("step", kind="stable").drop_duplicates("step", keep="last").reset_index(drop=True)
     df.attrs = {"source": str(src)}
     return df
+
+
+# A start at the reference reads 0 up to float rounding; a policy that has moved, tenths to tens.
+START_KL_MAX = 0.1  # nats per response
+
+
+def start_off_reference(eval_df: pd.DataFrame | None) -> str | None:
+    """Why the first evaluation point is not a start at the reference, or None when it is (or
+    there is none). Gains, KL and lengths measured from the first point describe a policy moving
+    away from where it began only when it began at the reference: a stage trained from the base
+    model and compared with the SFT policy (ORPO) starts tens of nats away."""
+    if eval_df is None or not len(eval_df) or "kl" not in eval_df.columns:
+        return None
+    kl0 = float(pd.to_numeric(eval_df["kl"], errors="coerce").iloc[0])
+    if not math.isfinite(kl0) or kl0 <= START_KL_MAX:
+        return None
+    return (f"the first evaluation (step {eval_df['step'].iloc[0]}) is {kl0:.3g} nats from the reference "
+            f"(> {START_KL_MAX:g}): the stage did not start from its reference (a stage trained from the base "
+            "model, as ORPO), so there is no start to measure from")
 
 
 # --------------------------------------------------------------------------- sweeps

@@ -16,6 +16,9 @@ Past ``d*`` optimising the proxy (the reward model) further loses true reward. A
 when its gold gain has fallen from the best seen by more than ``noise_k`` times the fit's residual
 SD (both sides as trailing means over 3 evaluations, so one lucky point does not count as the peak).
 
+The analysis needs the first evaluation at the reference (KL near 0, ``analysis.load.START_KL_MAX``):
+a stage trained from the base model and compared with the SFT policy (ORPO) starts tens of nats
+away, and its gains from there are learning, not over-optimisation; it is skipped, saying so.
 The fit needs ``MIN_FIT_POINTS`` evaluations with ``KL > 0`` (besides the baseline): a two-parameter
 curve through two or three points is exact whatever the data, so with fewer the fit, the peak and
 ``past_peak`` are None with the reason in ``skipped``, never a guess. Its uncertainty: standard
@@ -30,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .load import run_algo
+from .load import run_algo, start_off_reference
 
 SMOOTH_POINTS = 3  # evaluations per trailing mean when judging a decline from the peak
 MIN_FIT_POINTS = 5  # evaluations with KL > 0 the fit needs: 3 residual degrees of freedom for its noise
@@ -146,6 +149,10 @@ def analyse(eval_df: pd.DataFrame, noise_k: float = 2.0) -> dict:
     out.update(dict.fromkeys(keys))
     skipped: list[str] = []
     out["skipped"] = skipped
+    off = start_off_reference(eval_df)
+    if off:  # R(0) = 0 at the reference: gains from elsewhere are learning, not over-optimisation
+        skipped.append(f"over-optimisation skipped: {off}")
+        return out
     n_fit = int((np.isfinite(d) & (d > 0)).sum())
     enough = n_fit >= MIN_FIT_POINTS
     if not enough:
@@ -202,6 +209,8 @@ def frontier_curve(eval_df: pd.DataFrame | None, log_df: pd.DataFrame | None, ki
     else from the training log (``window``-step trailing means of KL and score, gains relative to
     the first row). None when the run has no such values."""
     if eval_df is not None and len(eval_df):
+        if start_off_reference(eval_df):
+            return None
         c = curves(eval_df)
         gain = c["gold_gain" if kind == "gold" else "proxy_gain"]
         return c.assign(gain=gain)[["step", "d", "gain"]] if np.isfinite(gain.to_numpy()).any() else None
@@ -262,7 +271,11 @@ def sweep_frontier(runs: dict[str, tuple[pd.DataFrame | None, pd.DataFrame]], gr
     if missing_eval:
         skipped.append(f"frontier: no eval.csv for run(s) {', '.join(map(str, missing_eval))}; their curve is the "
                        f"training log's {window}-step moving average")
-    none = [r for r, c in curves_.items() if c is None]
+    off = [r for r, (e, _) in runs.items() if e is not None and len(e) and start_off_reference(e)]
+    if off:
+        skipped.append(f"frontier skipped for run(s) {', '.join(map(str, off))}: their first evaluation is away "
+                       "from the reference (trained from the base model), so there is no start to measure gains from")
+    none = [r for r, c in curves_.items() if c is None and r not in off]
     if none:
         skipped.append(f"frontier skipped for run(s) {', '.join(map(str, none))}: no KL and {kind} values")
     source = "log" if len(missing_eval) == len(runs) else "eval" if not missing_eval else "mixed"

@@ -9,7 +9,8 @@ each configuration (:mod:`analysis.seeds`). Warnings (duplicated/out-of-order
 steps, NaN/inf, KL spikes, suspected collapse) are listed.
 
 Run health: every report has an "Alarms" section (:func:`analysis.alarms.detect`, first step
-per alarm, and the detectors skipped for missing columns) and a run gets ``health.png``. With an
+per alarm, and the detectors skipped for missing columns; the length rules on ``eval.csv``'s points,
+:func:`analysis.alarms.detect_eval`, for a stage whose log has no sampled lengths) and a run gets ``health.png``. With an
 ``eval.csv`` beside the training log a run also gets an "Over-optimisation" section and
 ``overoptimisation.png`` (:func:`analysis.overoptimisation.analyse`); a sweep gets ``frontier.png``,
 the KL-reward frontier per configuration over seeds.
@@ -22,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import health_plots, plots
-from .alarms import detect
+from .alarms import EVAL_RULES, detect, detect_eval, has_lengths
 from .errors import AnalysisError
 from .load import is_sweep_dir, load_eval, load_run, load_sweep
 from .metrics import compute_metrics, metric_warnings
@@ -123,6 +124,11 @@ def run_health(df: pd.DataFrame, eval_df: pd.DataFrame | None, eval_skip: str | 
     """``{"alarms": [Alarm dicts], "skipped": [lines], "overoptimisation": dict}`` (the last only
     with ``eval_df``); ``skipped`` also holds ``eval_skip`` and the over-optimisation's own lines."""
     alarms, skipped = detect(df)
+    if eval_df is not None and not has_lengths(df) and "response_length" in eval_df.columns:
+        # A stage that does not sample while training: its lengths are the evaluation points'.
+        more, why = detect_eval(eval_df)
+        skipped = [s for s in skipped if s.split(" ", 1)[0] not in EVAL_RULES] + why
+        alarms = alarms + more
     out = {"alarms": [a.to_dict() for a in alarms], "skipped": list(skipped)}
     if eval_df is not None:
         out["overoptimisation"] = analyse(eval_df)

@@ -8,6 +8,10 @@ message `python -m analysis` reports afterwards from the CSV. `warn` logs it; `s
 the stage after that update: the export and evaluation still run, `summary.json` says why it
 stopped, and no checkpoint is written from the alarmed update on, so the last checkpoint is the
 last healthy one. Every rank sees the same (all-reduced) rows, so under DDP all ranks stop together.
+
+A stage that does not sample while training (DPO and the rest of the preference family) logs no
+response lengths; its length rules judge the held-out evaluation points (`HeldOutEval`'s, the rows
+of `eval.csv`; `analysis.alarms.detect_eval`) as they come, the last at the end of training.
 """
 from __future__ import annotations
 
@@ -49,12 +53,30 @@ class HealthMonitor(pl.Callback):
         self._last_row = row
         # The same 1-based step metrics.csv writes (Lightning bumps its counter after this hook).
         self.rows.append({**row, "step": trainer.fit_loop.epoch_loop._batches_that_stepped + 1})
-        import pandas as pd
-
         from analysis.alarms import detect
 
-        frame = pd.DataFrame(self.rows).apply(pd.to_numeric, errors="coerce")
+        frame = _frame(self.rows)
         alarms, _ = detect(frame)
+        self._record(trainer, alarms + self._eval_alarms(trainer, frame))
+
+    def on_train_end(self, trainer, pl_module):
+        if self.rows:  # the last evaluation point comes after this callback's last batch hook
+            self._record(trainer, self._eval_alarms(trainer, _frame(self.rows)))
+
+    @staticmethod
+    def _eval_alarms(trainer, frame) -> list:
+        """The length rules on the held-out evaluation points so far, when the rows have no lengths."""
+        from analysis.alarms import detect_eval, has_lengths
+
+        from callbacks.held_out_eval import HeldOutEval
+
+        if has_lengths(frame):
+            return []
+        ev = next((cb for cb in trainer.callbacks if isinstance(cb, HeldOutEval)), None)
+        points = _frame(ev.points) if ev is not None and ev.points else None
+        return detect_eval(points)[0] if points is not None and "response_length" in points.columns else []
+
+    def _record(self, trainer, alarms) -> None:
         seen = {a["name"] for a in self.alarms}
         for a in alarms:
             if a.name in seen:
@@ -90,6 +112,12 @@ def _stop_saving(ckpt) -> None:
     ckpt._train_time_interval = None
     ckpt.save_last = False
     ckpt.save_top_k = 0
+
+
+def _frame(rows: list[dict]):
+    import pandas as pd
+
+    return pd.DataFrame(rows).apply(pd.to_numeric, errors="coerce")
 
 
 def _plain(v):

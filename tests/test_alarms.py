@@ -306,3 +306,27 @@ def test_kl_spike_on_real_rising_kl():
     for kl, expected in ((rloo, []), (cispo, [("kl_spike", 12)])):
         df = pd.DataFrame({"step": np.arange(1, 21), "policy_loss": 0.0, "reward_score": 0.0, "kl_divergence": kl})
         assert [(a.name, a.step) for a in detect(df)[0]] == expected
+
+
+def test_evaluation_points_feed_the_length_rules_for_a_stage_that_does_not_sample():
+    """An offline stage's log has no lengths; its eval.csv points do (the same prompts each time, the
+    first at the start policy): lengths doubling from the fourth point fire length_drift where the
+    3-point mean passes x1.5, (1 + 2 + 2) / 3, and steady lengths fire nothing."""
+    from analysis.alarms import EVAL_WINDOW, detect_eval
+
+    assert EVAL_WINDOW == 3
+    steps = np.arange(8) * 10
+    grow = pd.DataFrame({"step": steps, "kl": np.linspace(0, 3, 8), "reward": np.nan,
+                         "response_length": 9.0 * np.array([1, 1, 1, 2, 2, 2, 2, 2])})
+    alarms, skipped = detect_eval(grow)
+    assert [(a.name, a.step) for a in alarms] == [("length_drift", 40)]
+    assert "over 3 evaluations" in alarms[0].message and alarms[0].message.startswith("held-out evaluations")
+    assert skipped == ["length_hacking (held-out evaluations) skipped: reward column is empty"]
+    # With a proxy that rises with the length, length_hacking fires too.
+    hacked = grow.assign(reward=grow["response_length"] / 9.0 + 0.01 * np.arange(8))
+    assert {a.name for a in detect_eval(hacked)[0]} == {"length_drift", "length_hacking"}
+    assert detect_eval(grow.assign(response_length=9.0)) == ([], ["length_hacking (held-out evaluations) skipped: "
+                                                                  "reward column is empty"])
+    # Started away from the reference (ORPO, from the base model): no start to compare with.
+    alarms, skipped = detect_eval(grow.assign(kl=60.0 - grow["kl"]))
+    assert alarms == [] and len(skipped) == 2 and all("nats from the reference" in s for s in skipped)

@@ -152,3 +152,38 @@ def test_alarm_stops_the_stage_keeping_the_last_healthy_checkpoint(trained_artif
     # The stage still ended cleanly: exported, evaluated, its best policy kept.
     assert (run / "ppo" / "model" / "model.safetensors").is_file() and (run / "ppo" / "best_model").is_dir()
     assert json.loads((run / "summary.json").read_text())["stopped"]["name"] == "non_finite"
+
+
+def test_a_stage_that_does_not_sample_gets_length_alarms_from_its_evaluation_points(trained_artifacts, tmp_path,
+                                                                                     monkeypatch):
+    """DPO logs no response lengths while training, so the length rules read its held-out evaluation
+    points, live (summary.json) and afterwards (`python -m analysis`'s run health on eval.csv): the same
+    alarm at the same step. Its evaluated lengths double from update 3 on (the real sampler's lengths,
+    scaled), so the 3-point mean over the start's passes x1.5 at update 4, (1 + 2 + 2) / 3."""
+    import rlhf.evaluation.held_out as held_out
+    from analysis import load_eval, load_run
+    from analysis.report import run_health
+
+    real = held_out.evaluate_policy
+    calls = []
+
+    def evaluate_policy(module, loader, n):
+        m = real(module, loader, n)
+        calls.append(m)
+        return {**m, "response_length": m["response_length"] * (2.0 if len(calls) > 3 else 1.0)}
+
+    monkeypatch.setattr(held_out, "evaluate_policy", evaluate_policy)
+    run = tmp_path / "run"
+    summary = train(compose_train(run, "algo=dpo", "stage=dpo", f"dpo.policy_path={trained_artifacts['sft']}",
+                                  *TINY_DATA, "dpo.batch_size=4", "dpo.max_steps=6", "dpo.eval_prompts=8",
+                                  "dpo.response_length=8", "dpo.val_batches=1", "eval.eval_every=1"))
+    ev = pd.read_csv(run / "dpo" / "eval.csv")
+    assert ev["step"].tolist() == list(range(7)) and ev["kl"].iloc[0] == pytest.approx(0.0, abs=1e-5)
+    assert "response_length" not in pd.read_csv(run / "dpo" / "metrics.csv").columns
+    live = [(a["name"], a["step"]) for a in summary["stages"]["dpo"]["alarms"]]
+    assert ("length_drift", 4) in live
+    health = run_health(load_run(run), load_eval(run))
+    assert ("length_drift", 4) in [(a["name"], a["step"]) for a in health["alarms"]]
+    assert "held-out evaluations" in next(a["message"] for a in health["alarms"] if a["name"] == "length_drift")
+    # No reward model: length_hacking has no proxy to compare lengths with, and says so.
+    assert any(s.startswith("length_hacking (held-out evaluations) skipped: reward column") for s in health["skipped"])

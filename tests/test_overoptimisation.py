@@ -195,3 +195,24 @@ def test_peak_interval_covers_the_true_peak_and_narrows_with_points():
         widths[n] = np.median(w)
     assert covered >= 34  # of 40 nominal-95% intervals
     assert widths[41] < widths[11]
+
+
+def test_a_run_that_does_not_start_at_its_reference_is_not_judged():
+    """ORPO trains from the base model and is compared with the SFT policy: its first evaluation is the
+    untrained model, tens of nats from that reference, whose random text the gold scores above any SFT
+    policy. Gains from it fell 'from the best' on every seed (past_peak on 3 of 3 on the length trap);
+    they measure learning from scratch, so the analysis and the frontier skip such a run, saying why."""
+    from analysis.overoptimisation import frontier_curve, sweep_frontier
+
+    kl = [60.0, 50.0, 30.0, 10.0, 5.0, 2.0, 1.5, 1.2, 1.0]
+    gold = [0.0, -0.05, -0.1, -0.15, -0.2, -0.18, -0.17, -0.19, -0.18]
+    ev = pd.DataFrame({"step": np.arange(9) * 8, "kl": kl, "reward": np.nan, "gold": gold, "response_length": 24.0})
+    res = analyse(ev)
+    assert res["past_peak"] is None and res["alpha"] is None and res["observed_peak_kl"] is None
+    assert len(res["skipped"]) == 1 and "60 nats from the reference" in res["skipped"][0]
+    assert frontier_curve(ev, None, "gold") is None
+    _, info = sweep_frontier({"0": (ev, None), "1": (eval_frame(D_STAR), None)}, {"0": "orpo", "1": "ppo"})
+    assert any("frontier skipped for run(s) 0" in s and "away from the reference" in s for s in info["skipped"])
+    # A start at the reference up to float rounding is judged as before.
+    near = eval_frame(2 * D_STAR, seed=0).assign(kl=lambda d: d["kl"] + 1e-6)
+    assert analyse(near)["past_peak"] is True
