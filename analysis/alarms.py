@@ -434,7 +434,9 @@ def detect(df: pd.DataFrame, thresholds: Thresholds | None = None,
     return alarms, skipped
 
 
-EVAL_WINDOW = 3  # evaluation points per trailing window: each point already averages its prompts
+# Evaluation points per trailing window: long enough to average out the transient lengthening a
+# healthy DPO run shows early on the default task, short enough to catch a sustained drift.
+EVAL_WINDOW = 5
 EVAL_RULES = ("length_drift", "length_hacking")  # the rules evaluation points can feed
 
 

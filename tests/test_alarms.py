@@ -314,13 +314,13 @@ def test_evaluation_points_feed_the_length_rules_for_a_stage_that_does_not_sampl
     3-point mean passes x1.5, (1 + 2 + 2) / 3, and steady lengths fire nothing."""
     from analysis.alarms import EVAL_WINDOW, detect_eval
 
-    assert EVAL_WINDOW == 3
+    assert EVAL_WINDOW == 5
     steps = np.arange(8) * 10
     grow = pd.DataFrame({"step": steps, "kl": np.linspace(0, 3, 8), "reward": np.nan,
                          "response_length": 9.0 * np.array([1, 1, 1, 2, 2, 2, 2, 2])})
     alarms, skipped = detect_eval(grow)
-    assert [(a.name, a.step) for a in alarms] == [("length_drift", 40)]
-    assert "over 3 evaluations" in alarms[0].message and alarms[0].message.startswith("held-out evaluations")
+    assert [(a.name, a.step) for a in alarms] == [("length_drift", 50)]
+    assert "over 5 evaluations" in alarms[0].message and alarms[0].message.startswith("held-out evaluations")
     assert skipped == ["length_hacking (held-out evaluations) skipped: reward column is empty"]
     # With a proxy that rises with the length, length_hacking fires too.
     hacked = grow.assign(reward=grow["response_length"] / 9.0 + 0.01 * np.arange(8))

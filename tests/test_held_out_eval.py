@@ -159,7 +159,7 @@ def test_a_stage_that_does_not_sample_gets_length_alarms_from_its_evaluation_poi
     """DPO logs no response lengths while training, so the length rules read its held-out evaluation
     points, live (summary.json) and afterwards (`python -m analysis`'s run health on eval.csv): the same
     alarm at the same step. Its evaluated lengths double from update 3 on (the real sampler's lengths,
-    scaled), so the 3-point mean over the start's passes x1.5 at update 4, (1 + 2 + 2) / 3."""
+    scaled), so the 5-point mean over the start's passes x1.5 at update 5, (1 + 1 + 2 + 2 + 2) / 5."""
     import rlhf.evaluation.held_out as held_out
     from analysis import load_eval, load_run
     from analysis.report import run_health
@@ -181,9 +181,9 @@ def test_a_stage_that_does_not_sample_gets_length_alarms_from_its_evaluation_poi
     assert ev["step"].tolist() == list(range(7)) and ev["kl"].iloc[0] == pytest.approx(0.0, abs=1e-5)
     assert "response_length" not in pd.read_csv(run / "dpo" / "metrics.csv").columns
     live = [(a["name"], a["step"]) for a in summary["stages"]["dpo"]["alarms"]]
-    assert ("length_drift", 4) in live
+    assert ("length_drift", 5) in live
     health = run_health(load_run(run), load_eval(run))
-    assert ("length_drift", 4) in [(a["name"], a["step"]) for a in health["alarms"]]
+    assert ("length_drift", 5) in [(a["name"], a["step"]) for a in health["alarms"]]
     assert "held-out evaluations" in next(a["message"] for a in health["alarms"] if a["name"] == "length_drift")
     # No reward model: length_hacking has no proxy to compare lengths with, and says so.
     assert any(s.startswith("length_hacking (held-out evaluations) skipped: reward column") for s in health["skipped"])
