@@ -36,7 +36,7 @@ from rlhf.stages.preference import PreferenceConfig, PreferenceModule, sequence_
 class KTOConfig(PreferenceConfig):
     lr: float = 4e-4  # AdamW peak learning rate (the root `lr` overrides it)
     max_steps: int = 100  # optimizer steps (trainer.max_steps overrides)
-    beta: float = 0.1  # strength of the implicit KL to the reference (root kl_coef overrides); the paper's and TRL's
+    beta: float = 0.2  # implicit KL strength (root kl_coef overrides); the paper's and TRL's 0.1 leaves the reference mid-run here
     desirable_weight: float = 1.0  # lambda_D: weight of the desirable (chosen) responses' losses
     undesirable_weight: float = 1.0  # lambda_U: weight of the undesirable (rejected) responses' losses
     unpaired_path: str | None = None  # a .jsonl of {"prompt", "completion", "label"} rows (TRL's format); null: the pairs
