@@ -453,8 +453,8 @@ def detect_eval(eval_df: pd.DataFrame, thresholds: Thresholds | None = None) -> 
     fires when the first point is away from the reference (:func:`analysis.load.start_off_reference`)."""
     from .load import start_off_reference
 
-    t = replace(thresholds or Thresholds(), start_rows=1, unit="evaluations")
-    t = replace(t, window=min(EVAL_WINDOW, t.window))
+    t = thresholds or Thresholds()
+    t = replace(t, window=min(EVAL_WINDOW, t.window), start_rows=1, unit="evaluations")
     off = start_off_reference(eval_df)
     if off:
         return [], [f"{n} (held-out evaluations) skipped: {off}" for n in EVAL_RULES]

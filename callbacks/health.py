@@ -33,6 +33,7 @@ class HealthMonitor(pl.Callback):
         self.alarms: list[dict] = []  # as analysis --json lists them
         self.stopped: dict | None = None
         self._last_row = None
+        self._eval_points_judged = 0  # held-out points the length rules have seen (offline stages)
         self.metrics_csv = metrics_csv  # a resumed stage starts from the rows written before its checkpoint
 
     def on_train_start(self, trainer, pl_module):
@@ -63,9 +64,9 @@ class HealthMonitor(pl.Callback):
         if self.rows:  # the last evaluation point comes after this callback's last batch hook
             self._record(trainer, self._eval_alarms(trainer, _frame(self.rows)))
 
-    @staticmethod
-    def _eval_alarms(trainer, frame) -> list:
-        """The length rules on the held-out evaluation points so far, when the rows have no lengths."""
+    def _eval_alarms(self, trainer, frame) -> list:
+        """The length rules on the held-out evaluation points so far, when the rows have no lengths
+        (judged again only when a point has come since)."""
         from analysis.alarms import detect_eval, has_lengths
 
         from callbacks.held_out_eval import HeldOutEval
@@ -73,8 +74,11 @@ class HealthMonitor(pl.Callback):
         if has_lengths(frame):
             return []
         ev = next((cb for cb in trainer.callbacks if isinstance(cb, HeldOutEval)), None)
-        points = _frame(ev.points) if ev is not None and ev.points else None
-        return detect_eval(points)[0] if points is not None and "response_length" in points.columns else []
+        if ev is None or len(ev.points) <= self._eval_points_judged:
+            return []
+        self._eval_points_judged = len(ev.points)
+        points = _frame(ev.points)
+        return detect_eval(points)[0] if "response_length" in points.columns else []
 
     def _record(self, trainer, alarms) -> None:
         seen = {a["name"] for a in self.alarms}
