@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from rlhf.algorithms.core import logprobs_from_logits, position_ids_from_mask
 from rlhf.models.causal_lm import fast_fp32_matmul, head_fp32
+from rlhf.models.packed import packed_linears
 
 
 @contextmanager
@@ -54,7 +55,7 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     greedy), computed step by step as the tokens are drawn, so the rollout's old log-probs need
     no [B, R, V] tensor: at batch 32 and 256 tokens of GPT-2's vocabulary that is 1.6 GB.
     """
-    with _cached_autocast(input_ids.device.type):
+    with _cached_autocast(input_ids.device.type), packed_linears(policy):
         return _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id,
                        stop_token_id, generator, logprobs)
 
