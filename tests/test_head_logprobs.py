@@ -58,6 +58,45 @@ def test_fused_is_fp32_under_bf16_autocast():
     torch.testing.assert_close(logp, _unfused(hidden, weight, tokens, 1.0)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_tokens", [None, 4])
+def test_gradient_matmuls_run_in_the_autocast_dtype(chunk_tokens, monkeypatch):
+    """Under bf16-mixed the head's two gradient matmuls take bf16 operands, as autocast gives every
+    other layer's, while the log-probs stay fp32; the gradients agree with fp32 ones to bf16 rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if chunk_tokens is not None:
+        monkeypatch.setattr(sampling, "HEAD_CHUNK_BYTES", 4 * V * chunk_tokens)
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    hidden, weight, tokens = _inputs()
+    upstream = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for low in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            logp, _ = _HeadLogProbs.apply(h, w, tokens, 1.0, False)
+        assert logp.dtype == torch.float32
+        with MatmulDtypes() as mode:
+            (logp * upstream).sum().backward()
+        grads[low] = (h.grad, w.grad)
+        want = {torch.bfloat16} if low else {torch.float32}
+        products = [d for d in mode.seen if d != {torch.float32}] if low else mode.seen
+        assert len(products) >= 2 and all(d == want for d in products), mode.seen
+        assert h.grad.dtype == w.grad.dtype == torch.float32
+    for fp32, bf16 in zip(grads[False], grads[True]):
+        assert (bf16 - fp32).abs().max() <= 2e-2 * fp32.abs().max()
+        assert not torch.equal(bf16, fp32)
+
+
 @pytest.mark.parametrize("chunk_tokens", [None, 2])
 def test_second_backward_is_refused(chunk_tokens, monkeypatch):
     if chunk_tokens is not None:

@@ -172,10 +172,17 @@ class _HeadLogProbs(torch.autograd.Function):
     of tokens at a time and not kept; the backward recomputes each slice (one more head matmul), so
     the fused head's memory is bounded whatever the batch and response length (the memory that
     set the peak of long-response PPO, docs/benchmark.md).
+
+    Called inside a bf16/fp16 autocast (bf16-mixed training), the two gradient matmuls run in that
+    dtype, as autocast runs every other layer's, while the logits and log-probs stay fp32: the
+    precision the ratios and the KL need is the forward's, and the fp32 gradient matmuls were a
+    fifth of a GPT-2-small update (docs/benchmark.md).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, want_entropy):
+        device = hidden.device.type
+        ctx.grad_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         with torch.autocast(hidden.device.type, enabled=False), fast_fp32_matmul(hidden.device.type):
             h = hidden.reshape(-1, hidden.shape[-1]).float()
             w = weight.float()
@@ -217,8 +224,10 @@ class _HeadLogProbs(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         with torch.autocast(h.device.type, enabled=False), fast_fp32_matmul(h.device.type):
             w = weight.float()
+            low = ctx.grad_dtype or w.dtype  # the gradient matmuls' dtype
+            w_low = w.to(low) if want_h else None
             grad_h = h.new_empty(h.shape) if want_h else None
-            grad_w = torch.zeros_like(w) if want_w else None
+            grad_w = None
             for s in range(0, h.shape[0], ctx.chunk):
                 e = s + ctx.chunk
                 z = kept if kept is not None else _slice_logits(w, h[s:e], ctx.temperature)
@@ -227,10 +236,12 @@ class _HeadLogProbs(torch.autograd.Function):
                 z.scatter_add_(0, idx[:, s:e], gs)  # ... + g at the token
                 if ctx.temperature != 1.0:
                     z.div_(ctx.temperature)
+                z = z.to(low)
                 if want_h:
-                    torch.mm(z.t(), w, out=grad_h[s:e])
+                    grad_h[s:e] = z.t() @ w_low
                 if want_w:
-                    grad_w.addmm_(z, h[s:e])
+                    part = z @ h[s:e].to(low)
+                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
         if want_h:
             grad_h = grad_h.view(*grad_logp.shape, -1)
         if want_w:
