@@ -73,7 +73,7 @@ def test_gradient_matmuls_run_in_the_autocast_dtype(chunk_tokens, monkeypatch):
             self.seen = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
                 self.seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
             return func(*args, **(kwargs or {}))
 

@@ -225,9 +225,8 @@ class _HeadLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False), fast_fp32_matmul(h.device.type):
             w = weight.float()
             low = ctx.grad_dtype or w.dtype  # the gradient matmuls' dtype
-            w_low = w.to(low) if want_h else None
             grad_h = h.new_empty(h.shape) if want_h else None
-            grad_w = None
+            grad_w = torch.zeros_like(w) if want_w else None
             for s in range(0, h.shape[0], ctx.chunk):
                 e = s + ctx.chunk
                 z = kept if kept is not None else _slice_logits(w, h[s:e], ctx.temperature)
@@ -236,12 +235,23 @@ class _HeadLogProbs(torch.autograd.Function):
                 z.scatter_add_(0, idx[:, s:e], gs)  # ... + g at the token
                 if ctx.temperature != 1.0:
                     z.div_(ctx.temperature)
-                z = z.to(low)
+                if low == w.dtype:
+                    if want_h:
+                        torch.mm(z.t(), w, out=grad_h[s:e])
+                    if want_w:
+                        grad_w.addmm_(z, h[s:e])
+                    continue
+                # In vocabulary slices, so that no full-size low-precision copy of z or W is made:
+                # the backward's memory stays what it is in fp32.
+                h_low, gh = h[s:e].to(low), 0.0
+                for i in range(0, z.shape[0], 8192):
+                    zi = z[i:i + 8192].to(low)
+                    if want_h:
+                        gh = gh + (zi.t() @ w[i:i + 8192].to(low)).float()
+                    if want_w:
+                        grad_w[i:i + 8192] += zi @ h_low
                 if want_h:
-                    grad_h[s:e] = z.t() @ w_low
-                if want_w:
-                    part = z @ h[s:e].to(low)
-                    grad_w = part.float() if grad_w is None else grad_w.add_(part)
+                    grad_h[s:e] = gh
         if want_h:
             grad_h = grad_h.view(*grad_logp.shape, -1)
         if want_w:
