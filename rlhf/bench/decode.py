@@ -18,7 +18,7 @@ benchmarks report it: the bytes a decode step must read (every weight once, the 
 plus the KV cache at the step's mean context length) per step time, over the memory bandwidth this
 command measures (a large tensor copy on the device: bytes read + written per second), with the weights counted at
 the benchmark's precision. In `bf16`, ours runs as the rollout does under Lightning's bf16-mixed (fp32
-weights, a bf16 autocast whose weight casts are cached for the rollout, the LM head in fp32), and
+weights packed once per rollout for oneDNN, the body in bf16 and the LM head in fp32), and
 transformers' `generate` on a bf16 copy of the model, as inference usually runs it.
 """
 from __future__ import annotations
