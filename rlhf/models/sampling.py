@@ -175,8 +175,8 @@ class _HeadLogProbs(torch.autograd.Function):
 
     Called inside a bf16/fp16 autocast (bf16-mixed training), the two gradient matmuls run in that
     dtype, as autocast runs every other layer's, while the logits and log-probs stay fp32: the
-    precision the ratios and the KL need is the forward's, and the fp32 gradient matmuls were a
-    fifth of a GPT-2-small update (docs/benchmark.md).
+    precision the ratios and the KL need is the forward's, and the fp32 gradient matmuls ran at
+    fp32 speed in an otherwise bf16 update (docs/benchmark.md).
     """
 
     @staticmethod
