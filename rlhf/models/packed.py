@@ -7,15 +7,16 @@ A decode step multiplies a few rows by every weight matrix. PyTorch's default CP
 (`addmm`) reorders nothing in advance, and at 1-32 rows it streams the weights at a fraction of the
 memory bandwidth; oneDNN's linear on a weight reordered once into its blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, the layout `torch.compile` freezing also prepacks)
-runs the same products 1.5-3x faster, in bf16 and in fp32 alike (docs/benchmark.md). A rollout
+runs the same products 1.5-2x faster (docs/benchmark.md). A rollout
 reuses its weights for every step, so the reorder is paid once per rollout, as the bf16 casts of
 `_cached_autocast` were.
 
-Numbers: each layer computes in the dtype its ordinary forward would (the autocast dtype inside a
-bf16 autocast, the weight's dtype outside; fp32 for the output heads, which `head_fp32` runs with
-autocast off), with fp32 accumulation, so the results match the default kernels' to rounding.
-Only CPU tensors in fp32 or bf16 are packed, and nothing is while autograd records (the packed
-forward has no backward); elsewhere the context does nothing.
+Numbers: only inside a bf16 autocast (bf16-mixed), where each layer computes as its ordinary
+forward would (the body in bf16, the output heads in fp32, as `head_fp32` runs them), and where the
+sampled tokens and logits came out bit-identical to the unpacked path's on the machine this was
+measured on. fp32 runs are not packed: oneDNN's fp32 kernels round differently from the default
+ones (logits within 5e-6), enough to move a seeded run onto another trajectory. Nothing is packed
+while autograd records (the packed forward has no backward), nor off CPU.
 """
 from __future__ import annotations
 
@@ -67,10 +68,10 @@ def packed_linears(model: nn.Module):
     from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers, weight [in, out]
 
     device = next(model.parameters()).device.type
-    if device != "cpu" or torch.is_grad_enabled():
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if device != "cpu" or torch.is_grad_enabled() or autocast != torch.bfloat16:
         yield
         return
-    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     heads = {id(m) for h in output_heads(model) for m in h.modules()}
     patched = []
     try:
