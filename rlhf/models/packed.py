@@ -78,7 +78,7 @@ def packed_linears(model: nn.Module):
         for m in model.modules():
             if not isinstance(m, (nn.Linear, Conv1D)) or "forward" in vars(m):
                 continue
-            dtype = torch.float32 if id(m) in heads else autocast or m.weight.dtype
+            dtype = torch.float32 if id(m) in heads else torch.bfloat16
             if m.weight.dtype not in (torch.float32, torch.bfloat16) or not _supported(dtype):
                 continue
             w = m.weight.detach().to(dtype)

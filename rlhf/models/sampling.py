@@ -146,6 +146,7 @@ def response_logits(model: PreTrainedModel, input_ids: Tensor, attention_mask: T
 
 
 HEAD_CHUNK_BYTES = 1 << 28  # the most fp32 logits [V, tokens] the fused head materialises at once
+VOCAB_SLICE = 8192  # rows of the vocabulary per slice where the head works on [V, c] a slice at a time
 
 
 def _logsumexp0(z: Tensor) -> Tensor:
@@ -153,8 +154,8 @@ def _logsumexp0(z: Tensor) -> Tensor:
     [V, N] tensor for exp(z - max)."""
     m = z.amax(0)
     acc = torch.zeros_like(m)
-    for i in range(0, z.shape[0], 8192):
-        acc += torch.exp(z[i:i + 8192] - m).sum(0)
+    for i in range(0, z.shape[0], VOCAB_SLICE):
+        acc += torch.exp(z[i:i + VOCAB_SLICE] - m).sum(0)
     return m + acc.log()
 
 
@@ -198,8 +199,8 @@ class _HeadLogProbs(torch.autograd.Function):
                 logp[s:s + chunk] = z.gather(0, idx[:, s:s + chunk]).squeeze(0) - part
                 if want_entropy:  # H = lse - sum_v p_v z_v, over vocabulary slices: no second [V, c] tensor
                     acc = torch.zeros_like(part)
-                    for i in range(0, z.shape[0], 8192):
-                        zc = z[i:i + 8192]
+                    for i in range(0, z.shape[0], VOCAB_SLICE):
+                        zc = z[i:i + VOCAB_SLICE]
                         acc += (torch.exp(zc - part) * zc).sum(0)
                     entropy[s:s + chunk] = part - acc
                 if n <= chunk:
@@ -244,12 +245,12 @@ class _HeadLogProbs(torch.autograd.Function):
                 # In vocabulary slices, so that no full-size low-precision copy of z or W is made:
                 # the backward's memory stays what it is in fp32.
                 h_low, gh = h[s:e].to(low), 0.0
-                for i in range(0, z.shape[0], 8192):
-                    zi = z[i:i + 8192].to(low)
+                for i in range(0, z.shape[0], VOCAB_SLICE):
+                    zi = z[i:i + VOCAB_SLICE].to(low)
                     if want_h:
-                        gh = gh + (zi.t() @ w[i:i + 8192].to(low)).float()
+                        gh = gh + (zi.t() @ w[i:i + VOCAB_SLICE].to(low)).float()
                     if want_w:
-                        grad_w[i:i + 8192] += zi @ h_low
+                        grad_w[i:i + VOCAB_SLICE] += zi @ h_low
                 if want_h:
                     grad_h[s:e] = gh
         if want_h:
