@@ -4,9 +4,11 @@ autocast in generation changes no number and leaves no stale weights behind, and
 setting really reuses memory."""
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -131,6 +133,31 @@ def test_frozen_models_bf16_matmul_weights_compute_the_same_under_autocast():
     assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
     assert model.transformer.wte.weight.dtype == torch.float32  # also the tied LM head
     assert model.transformer.h[0].ln_1.weight.dtype == torch.float32
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads the process's memory map (Linux)")
+def test_lowering_a_loaded_model_lets_go_of_its_checkpoint_file(tmp_path):
+    """transformers maps a safetensors checkpoint lazily; while any tensor read from it lives, the file
+    stays mapped with its fp32 pages in the process's RSS (the reward model's whole body, beside its
+    bf16 copies). After lowering, no tensor of the model may lie in the file's mapping."""
+    from transformers import AutoModelForCausalLM
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, **ARCH)).save_pretrained(tmp_path / "m")
+
+    def in_file(model) -> list[str]:
+        spans = [tuple(int(x, 16) for x in line.split()[0].split("-"))
+                 for line in Path("/proc/self/maps").read_text().splitlines() if str(tmp_path / "m") in line]
+        return [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                if any(a <= t.data_ptr() < b for a, b in spans)]
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    if not in_file(model):
+        pytest.skip("this transformers version copies checkpoints on load")
+    lower_matmul_weights(model)
+    assert in_file(model) == []
+    assert model.transformer.h[0].mlp.c_fc.weight.dtype == torch.bfloat16
+    assert model.transformer.wte.weight.dtype == torch.float32
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
 
 
 def test_fast_fp32_matmul_stays_fp32_and_restores_the_setting(monkeypatch):

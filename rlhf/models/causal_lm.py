@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,6 +222,12 @@ def lower_matmul_weights(model: nn.Module, dtype: torch.dtype = torch.bfloat16) 
     for m in model.modules():
         if isinstance(m, (nn.Linear, Conv1D)) and id(m.weight) not in tied and id(m) not in heads:
             m.to(dtype)
+    # transformers loads a safetensors checkpoint memory-mapped, and the file stays mapped (its fp32
+    # pages resident, in this process's RSS) while any tensor read from it lives. The lowered weights
+    # are copies now; copying the rest too lets the mapping, and the fp32 originals, go.
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.dtype != dtype:
+            t.data = t.data.clone()
     return model
 
 
