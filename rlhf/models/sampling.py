@@ -149,14 +149,21 @@ HEAD_CHUNK_BYTES = 1 << 28  # the most fp32 logits [V, tokens] the fused head ma
 VOCAB_SLICE = 8192  # rows of the vocabulary per slice where the head works on [V, c] a slice at a time
 
 
-def _logsumexp0(z: Tensor) -> Tensor:
-    """logsumexp over dim 0 of [V, N] in vocabulary slices: `torch.logsumexp` would allocate a second
-    [V, N] tensor for exp(z - max)."""
+def _logsumexp0(z: Tensor, entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """logsumexp over dim 0 of [V, N] in vocabulary slices (`torch.logsumexp` would allocate a second
+    [V, N] tensor for exp(z - max)); with `entropy`, also -sum_v p_v log p_v = lse - sum_v p_v z_v from
+    the same exponentials (one pass over the logits, not a second one after the logsumexp)."""
     m = z.amax(0)
     acc = torch.zeros_like(m)
+    dot = torch.zeros_like(m) if entropy else None
     for i in range(0, z.shape[0], VOCAB_SLICE):
-        acc += torch.exp(z[i:i + VOCAB_SLICE] - m).sum(0)
-    return m + acc.log()
+        zc = z[i:i + VOCAB_SLICE]
+        e = torch.exp(zc - m)
+        acc += e.sum(0)
+        if entropy:
+            dot += (e.mul_(zc)).sum(0)
+    lse = m + acc.log()
+    return lse, (lse - dot / acc if entropy else None)
 
 
 class _HeadLogProbs(torch.autograd.Function):
@@ -195,14 +202,11 @@ class _HeadLogProbs(torch.autograd.Function):
             kept = None
             for s in range(0, n, chunk):
                 z = _slice_logits(w, h[s:s + chunk], temperature)  # [V, c]
-                lse[s:s + chunk] = part = _logsumexp0(z)
+                part, ent = _logsumexp0(z, want_entropy)
+                lse[s:s + chunk] = part
                 logp[s:s + chunk] = z.gather(0, idx[:, s:s + chunk]).squeeze(0) - part
-                if want_entropy:  # H = lse - sum_v p_v z_v, over vocabulary slices: no second [V, c] tensor
-                    acc = torch.zeros_like(part)
-                    for i in range(0, z.shape[0], VOCAB_SLICE):
-                        zc = z[i:i + VOCAB_SLICE]
-                        acc += (torch.exp(zc - part) * zc).sum(0)
-                    entropy[s:s + chunk] = part - acc
+                if want_entropy:
+                    entropy[s:s + chunk] = ent
                 if n <= chunk:
                     kept = z  # one slice: kept for the backward instead of recomputed
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -227,7 +231,8 @@ class _HeadLogProbs(torch.autograd.Function):
             w = weight.float()
             low = ctx.grad_dtype or w.dtype  # the gradient matmuls' dtype
             grad_h = h.new_empty(h.shape) if want_h else None
-            grad_w = torch.zeros_like(w) if want_w else None
+            # fp32 accumulates each token slice onto zeros; the low-precision path writes its first.
+            grad_w = (torch.zeros_like(w) if low == w.dtype else torch.empty_like(w)) if want_w else None
             for s in range(0, h.shape[0], ctx.chunk):
                 e = s + ctx.chunk
                 z = kept if kept is not None else _slice_logits(w, h[s:e], ctx.temperature)
@@ -249,7 +254,9 @@ class _HeadLogProbs(torch.autograd.Function):
                     zi = z[i:i + VOCAB_SLICE].to(low)
                     if want_h:
                         gh = gh + (zi.t() @ w[i:i + VOCAB_SLICE].to(low)).float()
-                    if want_w:
+                    if want_w and s == 0:
+                        grad_w[i:i + VOCAB_SLICE] = zi @ h_low
+                    elif want_w:
                         grad_w[i:i + VOCAB_SLICE] += zi @ h_low
                 if want_h:
                     grad_h[s:e] = gh
