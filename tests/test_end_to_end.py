@@ -70,8 +70,16 @@ def test_multirun_sweep_then_analysis(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "-m", "debug=fast", "lr=1e-4,3e-4", "kl_coef=0.02,0.1",
                            f"hydra.sweep.dir={sweep}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0", "1", "2", "3"]
+    # lr and kl_coef are PPO's settings: SFT and the reward model are trained by the first job alone.
+    for job in jobs[1:]:
+        summary = json.loads((sweep / job / "summary.json").read_text())
+        for stage in ("sft", "rm"):
+            assert summary["stages"][stage]["reused_from"] == str(sweep / "0"), (job, stage)
+            assert not (sweep / job / stage).exists()
+        assert "reused_from" not in summary["stages"]["ppo"]
+    assert sorted(p.name.split("-")[0] for p in (sweep / ".stages").iterdir()) == ["ppo"] * 4 + ["rm", "sft"]
     out = subprocess.run([sys.executable, "-m", "analysis", str(sweep), "--json"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -85,6 +85,8 @@ BAD_VALUES = [
     (["stage=ppo"], r"^ppo: no reward source: set reward\.fn=.*reward\.model_path=DIR"),
     (["reward.fn=no_such_module.fn"], r"reward\.fn.*no_such_module"),
     (["reward.fn=rlhf.training.rewards.synthetic_gold", "reward.weights=[1,2]"], r"reward\.weights has 2 entries for 1"),
+    (["reuse_stages=3"], r"^reuse_stages=3: expected sweep, false or a directory"),
+    (["reuse_stages=/proc/no_such_store"], r"^reuse_stages: cannot create /proc/no_such_store"),
 ]
 
 

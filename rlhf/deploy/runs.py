@@ -6,6 +6,7 @@ Everything loads from the run's Hugging Face exports (safetensors), never from p
 """
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 
@@ -37,24 +38,35 @@ class RunArtifacts:
         cfg_file = self.run_dir / "config.yaml"
         self.config = OmegaConf.load(cfg_file) if cfg_file.is_file() else None
         self.device = torch.device(device)
+        try:
+            done = json.loads((self.run_dir / "summary.json").read_text()).get("stages", {})
+        except (OSError, ValueError, AttributeError):
+            done = {}
+        self.reused = {n: r["model_dir"] for n, r in done.items()
+                       if isinstance(r, dict) and r.get("reused_from") and r.get("model_dir")}
         known = stages()
         policy_stages = [n for n, c in known.items() if c.produces == "policy"]
         if stage is not None and stage not in policy_stages:
             raise UserError(f"--stage {stage}: not a stage that produces a policy (one of {', '.join(policy_stages)})")
         candidates = [stage] if stage else list(reversed(policy_stages))
-        self.stage = next((n for n in candidates if (self.run_dir / n / "model" / "config.json").is_file()), None)
+        self.stage = next((n for n in candidates if (self._export(n) / "config.json").is_file()), None)
         if self.stage is None:
             looked = ", ".join(f"{n}/model" for n in candidates)
             raise UserError(f"{self.run_dir}: no policy export found (looked for {looked})")
-        self.policy_dir = self.run_dir / self.stage / "model"
+        self.policy_dir = self._export(self.stage)
         self.stage_cfg = (self.config or {}).get(self.stage) or {}
         # The reference is what the policy started from: its policy_path, else the run's first policy.
-        first = [self.run_dir / n / "model" for n, c in known.items() if c.produces == "policy" and not c.needs]
+        first = [self._export(n) for n, c in known.items() if c.produces == "policy" and not c.needs]
         self.reference_dir = self._first("reference policy", self.stage_cfg.get("policy_path"), *first, self.policy_dir)
         reward_cfg = (self.config or {}).get("reward") or {}
-        rm_dirs = [self.run_dir / n / "model" for n, c in known.items() if c.produces == "reward"]
+        rm_dirs = [self._export(n) for n, c in known.items() if c.produces == "reward"]
         self.reward_dir = self._first("reward model", *rm_dirs, reward_cfg.get("model_path"), required=False)
         self.trust_remote_code = bool(((self.config or {}).get("model") or {}).get("trust_remote_code", False))
+
+    def _export(self, stage: str) -> Path:
+        """Where `stage`'s model is: `<run>/<stage>/model`, or, for a stage a sweep job reused from an
+        earlier job (`reused_from` in summary.json, rlhf/training/reuse.py), that job's export."""
+        return Path(self.reused.get(stage) or self.run_dir / stage / "model")
 
     def _first(self, what: str, *candidates, required: bool = True) -> Path | None:
         for c in candidates:

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from pytorch_lightning.utilities.model_helpers import is_overridden
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from rlhf.data.pairs import prompt_overlap
 from rlhf.errors import ConfigError, UserError
@@ -32,7 +33,8 @@ from rlhf.evaluation.gold import resolve_gold
 from rlhf.deploy.model_card import write_model_card
 from rlhf.training.memory import keep_freed_memory, peak_rss_mb
 from rlhf.models.tokenizer import load_tokenizer
-from rlhf.stages import Inputs, get_stage
+from rlhf.stages import Inputs, get_stage, stages
+from rlhf.training import reuse
 from rlhf.training.plan import (RewardPlan, apply_every_stage, apply_root_settings, apply_task_reward, build_stage,
                                 plan_stages, preflight)
 
@@ -238,6 +240,7 @@ def train(cfg: DictConfig) -> dict:
     plan = plan_stages(cfg)
     apply_root_settings(cfg)
     confs, reward = preflight(cfg, plan, run_dir, resuming)
+    store = reuse.store_for(cfg)  # stages shared by the jobs of a sweep (rlhf/training/reuse.py)
     # The resolved config beside the outputs: evaluate/serve/generate read it, with or without Hydra.
     saved = cfg.copy()
     saved.paths.output_dir = str(run_dir)  # per-stage interpolations (${stage_dir}) stay live for resume
@@ -258,23 +261,32 @@ def train(cfg: DictConfig) -> dict:
         summary = json.loads((run_dir / "summary.json").read_text())
     artifacts: dict = {}
     summary["plan"] = plan
+    keys: list = []
     for stage in plan:
         t0 = time.time()
         produces = get_stage(stage).produces
+        keys.append(reuse.stage_key(cfg, stage, list(stages()), run_dir, keys) if store else None)
         if resuming and stage in summary["stages"]:
             if produces:
                 artifacts[produces] = summary["stages"][stage].get("model_dir")
             print(f"stage {stage} already finished in {run_dir}; skipping it")
             continue
-        result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming, reward,
-                           gold)
+        earlier = reuse.lookup(store, stage, keys[-1]) if store else None
+        if earlier:
+            result = {**earlier["result"], "reused_from": earlier["run_dir"]}
+            print(f"stage {stage}: the same settings and inputs as in {earlier['run_dir']}; reusing its results")
+        else:
+            result = run_stage(stage, cfg, confs[stage], splits, tokenizer, source, artifacts, run_dir, resuming,
+                               reward, gold)
         if produces:  # later stages start from this export
             artifacts[produces] = result.get("model_dir")
-        if "rank" in result:  # non-zero DDP ranks: only rank 0 writes summaries and cards
+        if "rank" in result or (earlier and rank_zero_only.rank != 0):  # only rank 0 writes summaries
             continue
+        if store and not earlier:
+            reuse.record(store, stage, keys[-1], run_dir, result)
         summary["stages"][stage] = result
         for key in ("model_dir", "best_model_dir"):  # a Hugging Face model card beside each export
-            if result.get(key):
+            if result.get(key) and not earlier:
                 write_model_card(result[key], stage, config, result)
         for alarm in result.get("alarms", []):
             summary.setdefault("alarms", []).append({"stage": stage, **alarm})
@@ -282,7 +294,9 @@ def train(cfg: DictConfig) -> dict:
             summary["stopped"] = {"stage": stage, **result["stopped_by_alarm"]}
         summary.update({k: v for k, v in result.items() if k in get_stage(stage).headline + TASK_HEADLINE})
         # What a sweep compares across algorithms beside the results: the run's memory high-water mark.
-        summary["peak_rss_mb"] = max(r.get("peak_rss_mb") or 0 for r in summary["stages"].values())
+        # A stage reused from an earlier job of the sweep ran in that job's process, not this one's.
+        summary["peak_rss_mb"] = max((r.get("peak_rss_mb") or 0 for r in summary["stages"].values()
+                                      if "reused_from" not in r), default=0)
         summary["seconds"] = round(time.time() - start, 1)
         write_summary(run_dir, summary)
         print_stage_summary(stage, result, time.time() - t0)
