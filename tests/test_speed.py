@@ -216,3 +216,21 @@ def test_packed_linears_compute_what_the_layers_compute_and_give_their_forwards_
     assert not any("forward" in vars(m) for m in layers)
     with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model):  # autograd on: nothing is packed
         assert not any("forward" in vars(m) for m in layers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak through /proc (Linux)")
+def test_the_peak_rss_starts_afresh_for_each_stage():
+    """A multirun's jobs share one process: a job's peak must not be an earlier job's. After a large
+    buffer is freed (glibc keeps freed memory when `keep_freed_memory` is on), the reset hands it
+    back and the next peak counts from there."""
+    from rlhf.training.memory import keep_freed_memory, peak_rss_mb, reset_peak_rss
+
+    keep_freed_memory()
+    big = torch.ones(96 * 2**20)  # 384 MiB, touched
+    high = peak_rss_mb()
+    del big
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS")
+    assert peak_rss_mb() < high - 300
+    small = torch.ones(2**20)
+    assert peak_rss_mb() < high - 300 and small.sum() > 0

@@ -34,12 +34,41 @@ def keep_freed_memory() -> bool:
 
 
 def peak_rss_mb() -> float:
-    """This process's resident-memory high-water mark so far, in MiB (Linux reports KiB, macOS bytes)."""
+    """This process's resident-memory high-water mark, in MiB: since `reset_peak_rss` where Linux allows
+    it (VmHWM), else since the process started (getrusage; Linux reports KiB, macOS bytes)."""
     import resource
     import sys
+    from pathlib import Path
 
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def reset_peak_rss() -> bool:
+    """Start the high-water mark afresh (Linux), after handing the free memory glibc keeps back to the OS.
+
+    A Hydra multirun runs its jobs one after the other in one process, so without this every job's
+    (and stage's) peak would be the largest of all before it. Returns False where it cannot (other
+    systems): the peak then counts from the process's start.
+    """
+    from pathlib import Path
+
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (proc(5))
+        return True
+    except OSError:
+        return False
 
 
 def current_rss_mb() -> float:

@@ -31,7 +31,7 @@ from rlhf.data.pairs import prompt_overlap
 from rlhf.errors import ConfigError, UserError
 from rlhf.evaluation.gold import resolve_gold
 from rlhf.deploy.model_card import write_model_card
-from rlhf.training.memory import keep_freed_memory, peak_rss_mb
+from rlhf.training.memory import keep_freed_memory, peak_rss_mb, reset_peak_rss
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages import Inputs, get_stage, stages
 from rlhf.training import reuse
@@ -108,6 +108,7 @@ def run_stage(stage: str, cfg: DictConfig, conf, splits, tokenizer, source, arti
 
     cls = get_stage(stage)
     stage_dir = run_dir / stage
+    reset_peak_rss()  # the stage's own peak, not an earlier stage's or an earlier multirun job's
     scfg = cfg.copy()
     with open_dict(scfg):
         scfg.stage_dir = str(stage_dir)
