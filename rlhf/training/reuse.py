@@ -13,8 +13,9 @@ irrelevant, and the keys of the stages before it in the run (an SFT trained diff
 paired with a reward model trained after another). Left out: `algo` and `stage` (which stages run,
 not how), the other stages' settings, and the output paths (the job's own directory is replaced by
 a placeholder first, so the jobs of a sweep agree). The store is `<sweep dir>/.stages/`: only jobs
-of one sweep, which run the same code, share. Jobs running in parallel (a parallel launcher) may
-both train a stage they share; the results are the same either way.
+of one sweep, which run the same code, share (a directory named instead is shared by every sweep
+that names it, whatever code trained its stages). Jobs running at the same time (a parallel
+launcher) may each train a stage they share; each then uses its own.
 """
 from __future__ import annotations
 
