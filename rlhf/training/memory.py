@@ -17,19 +17,30 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's <malloc.h>
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, or None on other C libraries (where its malloc settings mean nothing)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Switch glibc's malloc to reuse freed memory; False (and nothing done) on other C libraries."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
+    libc = _glibc()
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):
+        return (libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
+                and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)))
+    except AttributeError:
         return False
 
 
@@ -59,11 +70,9 @@ def reset_peak_rss() -> bool:
     """
     from pathlib import Path
 
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        try:
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (proc(5))
         return True
