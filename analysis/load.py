@@ -62,10 +62,11 @@ def resolve_log(path: Path) -> tuple[str, Path]:
     if path.is_file():
         return ("tensorboard" if "tfevents" in path.name else "csv"), path
     algo = run_algo(path)
-    for csv in (path / algo / "metrics.csv", path / "metrics.csv"):
+    stage = stage_folder(path)
+    for csv in (stage / "metrics.csv", path / "metrics.csv"):
         if csv.is_file():
             return "csv", csv
-    for tb_dir, recursive in ((path / algo / "tb", True), (path / "tb", True), (path / algo, False), (path, False)):
+    for tb_dir, recursive in ((stage / "tb", True), (path / "tb", True), (stage, False), (path, False)):
         if tb_dir.is_dir() and find_event_files(tb_dir, recursive):
             return "tensorboard", tb_dir
     hint = "; it looks like a multirun sweep, use load_sweep" if is_sweep_dir(path) else ""
@@ -83,6 +84,22 @@ def run_algo(run_dir: Path) -> str:
     except (yaml.YAMLError, OSError, AttributeError):
         algo = None
     return algo if isinstance(algo, str) and algo else "ppo"
+
+
+def stage_folder(run_dir: Path) -> Path:
+    """The folder of the run's last stage: ``<run>/<algo>/``, or, where a sweep job took that stage
+    from an earlier job with the same settings and inputs (``reused_from`` in its summary.json,
+    rlhf/training/reuse.py), that job's folder, which holds the stage's logs."""
+    algo = run_algo(run_dir)
+    own = run_dir / algo
+    if own.is_dir():
+        return own
+    try:
+        stages = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("stages") or {}
+        earlier = (stages.get(algo) or {}).get("reused_from")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    return Path(earlier) / algo if isinstance(earlier, str) and earlier else own
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -176,7 +193,7 @@ def find_eval(path: str | Path) -> Path | None:
     if p.is_file():
         candidates = [p] if p.name == EVAL_FILE else [p.parent / EVAL_FILE]
     elif p.is_dir():
-        candidates = [p / run_algo(p) / EVAL_FILE, p / EVAL_FILE]
+        candidates = [stage_folder(p) / EVAL_FILE, p / EVAL_FILE]
         if p.name == "tb":  # a TensorBoard-only run: the stage folder holds tb/ and eval.csv
             candidates.append(p.parent / EVAL_FILE)
     else:
@@ -269,10 +286,12 @@ def read_summary(run_dir: Path) -> dict[str, float]:
     """The numeric headline values at the top level of a run's ``summary.json``.
 
     Numbers only: booleans, text, nested dicts (``stages``) and ``seed`` (an
-    identity, not a result) are left out, but for ``pass_at_k`` of a verifiable
-    task (``{"before": {k: p}, "after": {k: p}}``), read as ``pass@<k>_before`` and
-    ``pass@<k>_after``. Raises :class:`AnalysisError` when the file is missing or
-    is not a JSON object.
+    identity, not a result) are left out, but for two values of the last stage (``algo``), its own
+    training time and peak memory (``fit_seconds`` and ``peak_rss_mb`` of ``stages[algo]``, read as
+    ``stage_seconds`` and ``stage_peak_rss_mb``; the job's totals count whichever stages it did not
+    reuse), and for ``pass_at_k`` of a verifiable task (``{"before": {k: p}, "after": {k: p}}``),
+    read as ``pass@<k>_before`` and ``pass@<k>_after``. Raises :class:`AnalysisError` when the file
+    is missing or is not a JSON object.
     """
     f = Path(run_dir) / "summary.json"
     if not f.is_file():
@@ -285,6 +304,12 @@ def read_summary(run_dir: Path) -> dict[str, float]:
         raise AnalysisError(f"{f}: expected a JSON object, got {type(data).__name__}")
     out = {k: float(v) for k, v in data.items()
            if k != "seed" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    stages = data.get("stages")
+    last = stages.get(data.get("algo")) if isinstance(stages, dict) and isinstance(data.get("algo"), str) else None
+    for key, name in (("fit_seconds", "stage_seconds"), ("peak_rss_mb", "stage_peak_rss_mb")):
+        v = last.get(key) if isinstance(last, dict) else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[name] = float(v)
     for when, by_k in (data.get("pass_at_k") or {}).items():
         out.update({f"pass@{k}_{when}": float(v) for k, v in (by_k or {}).items() if isinstance(v, (int, float))})
     return out

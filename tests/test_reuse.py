@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from analysis.load import find_eval, load_run, read_summary
 from rlhf.deploy.runs import RunArtifacts
 from rlhf.stages import stages
 from rlhf.training import reuse
@@ -66,6 +67,17 @@ def test_a_second_job_takes_a_finished_stage_instead_of_training_it(compose_cfg,
         json.dumps({"run_dir": "gone", "result": {"model_dir": str(tmp_path / "gone")}}))
     third = train(compose_cfg(tmp_path / "2", *common))
     assert "reused_from" not in third["stages"]["sft"] and (tmp_path / "2" / "sft" / "model").is_dir()
+    # A job that reuses every stage ran none: no peak memory of its own, and the analysis reads the
+    # last stage's logs and its own time and memory where that stage was trained.
+    fourth = train(compose_cfg(tmp_path / "3", *common))
+    assert all("reused_from" in r for r in fourth["stages"].values()) and "peak_rss_mb" not in fourth
+    dpo_dir = Path(fourth["stages"]["dpo"]["reused_from"]) / "dpo"
+    assert not (tmp_path / "3" / "dpo").exists() and (dpo_dir / "metrics.csv").is_file()
+    assert load_run(tmp_path / "3").attrs["source"] == str(dpo_dir / "metrics.csv")
+    assert find_eval(tmp_path / "3") == find_eval(dpo_dir.parent)
+    done = read_summary(tmp_path / "3")
+    assert "peak_rss_mb" not in done and done["stage_seconds"] == fourth["stages"]["dpo"]["fit_seconds"]
+    assert done["stage_peak_rss_mb"] == fourth["stages"]["dpo"]["peak_rss_mb"] > 0
 
 
 def test_single_runs_share_nothing_unless_asked(compose_cfg, tmp_path):

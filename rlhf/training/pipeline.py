@@ -295,9 +295,12 @@ def train(cfg: DictConfig) -> dict:
             summary["stopped"] = {"stage": stage, **result["stopped_by_alarm"]}
         summary.update({k: v for k, v in result.items() if k in get_stage(stage).headline + TASK_HEADLINE})
         # What a sweep compares across algorithms beside the results: the run's memory high-water mark.
-        # A stage reused from an earlier job of the sweep ran in that job's process, not this one's.
-        summary["peak_rss_mb"] = max((r.get("peak_rss_mb") or 0 for r in summary["stages"].values()
-                                      if "reused_from" not in r), default=0)
+        # A stage reused from an earlier job of the sweep ran in that job's process, not this one's;
+        # a job that reused every stage ran none, and has no peak of its own.
+        peaks = [r.get("peak_rss_mb") or 0 for r in summary["stages"].values() if "reused_from" not in r]
+        summary.pop("peak_rss_mb", None)
+        if peaks:
+            summary["peak_rss_mb"] = max(peaks)
         summary["seconds"] = round(time.time() - start, 1)
         write_summary(run_dir, summary)
         print_stage_summary(stage, result, time.time() - t0)
