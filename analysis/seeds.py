@@ -171,9 +171,11 @@ def config_label(row: pd.Series, params: list[str]) -> str:
 
 # The comparison a researcher reads first, one row per configuration (algorithm x settings); a verifiable
 # task adds its held-out greedy accuracy and pass@k after training (`pass@<k>_after`, every k it has).
+# Time and memory are the compared stage's own where the summaries have them: in a sweep whose jobs
+# share SFT and the reward model, a job's total says which job happened to train them.
 COMPARISON = (("gold_win_rate", "gold win rate"), ("accuracy_after", "accuracy"), ("gold_reward_after", "gold reward"),
-              ("kl_final", "KL"), ("reward_after", "reward-model score"), ("seconds", "wall time (s)"),
-              ("peak_rss_mb", "peak RSS (MB)"))
+              ("kl_final", "KL"), ("reward_after", "reward-model score"),
+              (("stage_seconds", "seconds"), "wall time (s)"), (("stage_peak_rss_mb", "peak_rss_mb"), "peak RSS (MB)"))
 TASK_PARAM = "data"  # the override that picks the task: a sweep over tasks gets one table per task
 
 
@@ -198,15 +200,21 @@ def _table(seeds: pd.DataFrame, params: list[str], drop_empty: bool) -> list[str
     passes = sorted((c[:-len("_mean")] for c in seeds.columns if c.startswith("pass@") and c.endswith("_after_mean")),
                     key=lambda m: int(m[len("pass@"):].split("_")[0]))
     wanted = [*COMPARISON[:2], *((m, m.removesuffix("_after")) for m in passes), *COMPARISON[2:]]
-    cols = [(m, label) for m, label in wanted if f"{m}_mean" in seeds.columns
-            and not (drop_empty and seeds[f"{m}_mean"].isna().all())]
+    cols = []
+    for names, label in wanted:  # the first of a column's metrics that the summaries have
+        have = [m for m in ((names,) if isinstance(names, str) else names) if f"{m}_mean" in seeds.columns
+                and not seeds[f"{m}_mean"].isna().all()]
+        if have:
+            cols.append((have[0], label))
+        elif isinstance(names, str) and f"{names}_mean" in seeds.columns and not drop_empty:
+            cols.append((names, label))
     lines = ["| " + " | ".join([", ".join(params) or "configuration", "seeds", *(lb for _, lb in cols)]) + " |",
              "|" + "---|" * (2 + len(cols))]
     for _, r in seeds.iterrows():
         cells = []
         for m, _ in cols:
             mean, half = r[f"{m}_mean"], r[f"{m}_ci95"]
-            digits = 0 if m in ("seconds", "peak_rss_mb") else 3
+            digits = 0 if m.endswith(("seconds", "peak_rss_mb")) else 3
             cells.append("n/a" if pd.isna(mean) else f"{mean:.{digits}f}" + ("" if pd.isna(half) else f" ± {half:.{digits}f}"))
         label = ", ".join(str(r[p]) for p in params) or "all runs"
         lines.append("| " + " | ".join([label, str(r["n_seeds"]), *cells]) + " |")

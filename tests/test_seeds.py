@@ -8,7 +8,7 @@ import pytest
 
 from analysis import confidence_interval, load_sweep, seed_curves, seed_table, sweep_table
 from analysis.load import read_summary
-from analysis.seeds import has_seeds
+from analysis.seeds import comparison_table, has_seeds
 from test_analysis_cli import assert_png, cli, make_run
 
 T_975_2 = 4.302652729749462  # Student t quantile 0.975 with 2 degrees of freedom (tables: 4.303)
@@ -62,6 +62,23 @@ def test_confidence_interval_matches_hand_computation():
 def test_read_summary_keeps_top_level_numbers_only(sweep):
     root, jobs = sweep
     assert read_summary(root / jobs[(1, 1e-05)]) == {"gold_win_rate": 0.6, "seconds": 20.0}
+
+
+def test_the_comparison_times_the_compared_stage_not_the_job(sweep):
+    """In a sweep sharing SFT and the reward model, a job's total time says which job trained them;
+    the comparison's time and memory columns are the last stage's own (`stages[algo]`)."""
+    root, jobs = sweep
+    for i, job in enumerate(jobs.values()):
+        f = root / job / "summary.json"
+        data = json.loads(f.read_text())
+        data.update(algo="ppo", peak_rss_mb=999.0)
+        data["stages"]["ppo"].update(fit_seconds=5.0 + i, peak_rss_mb=100.0)
+        f.write_text(json.dumps(data))
+    got = read_summary(root / jobs[(1, 1e-05)])
+    assert (got["stage_seconds"], got["stage_peak_rss_mb"], got["seconds"]) == (7.0, 100.0, 20.0)
+    lines = comparison_table(seed_table(sweep_table(load_sweep(root)[0], window=10), root))
+    assert lines[0] == "| lr | seeds | gold win rate | wall time (s) | peak RSS (MB) |"
+    assert lines[2] == "| 1e-05 | 3 | 0.600 ± 0.248 | 7 ± 5 | 100 ± 0 |"  # jobs 0, 2, 4: 5, 7, 9 s
 
 
 def test_seed_table_groups_by_config_without_seed(sweep):
