@@ -136,6 +136,35 @@ def test_step_by_step_logprobs_are_those_of_the_kept_logits(tiny_lm, temp):
     torch.testing.assert_close(logp, logprobs_from_logits(logits, responses, temp or 1.0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("temp", [1.0, 0.0])
+def test_tokens_only_sampling_draws_the_same_tokens_and_keeps_no_logits(tiny_lm, temp):
+    """Evaluation and generation read only the tokens: sample(..., tokens_only=True) draws exactly the
+    default path's tokens (stops and padding too) and builds no tensor of the [B, R, V] logits' size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, ids, mask = _left_padded()
+
+    class Largest(TorchDispatchMode):  # the most logits any one tensor the sampler makes holds
+        numel, rows, vocab = 0, ids.shape[0], tiny_lm.config.vocab_size
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dim() > 1 and (t.shape[0], t.shape[-1]) == (Largest.rows, Largest.vocab):
+                    Largest.numel = max(Largest.numel, t.numel())
+            return out
+
+    free, _ = sample(tiny_lm, ids, mask, 8, temp, PAD, None, generator=torch.Generator().manual_seed(5))
+    for stop in (None, int(free[0, 1]), int(free[:, 0].max())):
+        responses, logits = sample(tiny_lm, ids, mask, 8, temp, PAD, stop, generator=torch.Generator().manual_seed(5))
+        Largest.numel = 0
+        with Largest():
+            same, none = sample(tiny_lm, ids, mask, 8, temp, PAD, stop, generator=torch.Generator().manual_seed(5),
+                                tokens_only=True)
+        assert none is None and torch.equal(same, responses)
+        assert Largest.numel == Largest.rows * Largest.vocab < logits.numel()  # a step's [B, V], never [B, R, V]
+
+
 def test_left_padded_row_next_token_logits_match_unpadded(tiny_lm):
     prompts, ids, mask = _left_padded()
     _, padded_logits = sample(tiny_lm, ids, mask, 1, 1.0, PAD, None)

@@ -116,7 +116,7 @@ class RunArtifacts:
         tok = self.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
         responses, _ = sample(policy or self.policy, enc.input_ids, enc.attention_mask, max_new_tokens,
-                              temperature, tok.pad_token_id, tok.eos_token_id)
+                              temperature, tok.pad_token_id, tok.eos_token_id, tokens_only=True)
         responses, mask, _ = truncate_after_stop(responses, tok.eos_token_id, tok.pad_token_id)
         return [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
 

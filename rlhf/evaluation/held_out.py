@@ -70,7 +70,8 @@ def rollout(policy, tokenizer, prompts: list[str], max_new_tokens: int, temperat
     for i in range(0, len(prompts), batch_size):
         q, qm = encode_prompts(tokenizer, prompts[i:i + batch_size], max_prompt_length)
         q, qm = q.to(device), qm.to(device)
-        resp, _ = sample(policy, q, qm, max_new_tokens, temperature, tokenizer.pad_token_id, stop_id)
+        resp, _ = sample(policy, q, qm, max_new_tokens, temperature, tokenizer.pad_token_id, stop_id,
+                         tokens_only=True)
         resp, rmask, _ = truncate_after_stop(resp, stop_id, tokenizer.pad_token_id)
         texts += [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
         lengths += rmask.sum(1).tolist()
@@ -163,7 +164,8 @@ def _decode(module, policy, loader, n: int, temperature: float, samples: int = 1
         for batch in loader:
             q = batch["input_ids"].to(module.device).repeat_interleave(samples, 0)
             qm = batch["attention_mask"].to(module.device).repeat_interleave(samples, 0)
-            resp, _ = sample(policy, q, qm, module.cfg.response_length, temperature, tok.pad_token_id, module.stop_id)
+            resp, _ = sample(policy, q, qm, module.cfg.response_length, temperature, tok.pad_token_id, module.stop_id,
+                             tokens_only=True)
             resp, rmask, _ = truncate_after_stop(resp, module.stop_id, tok.pad_token_id)
             out = [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, rmask)]
             prompts += list(batch["prompt"])

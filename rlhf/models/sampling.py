@@ -41,9 +41,12 @@ def _cached_autocast(device_type: str):
 @torch.no_grad()
 def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int,
            temperature: float, pad_token_id: int, stop_token_id: int | None = None,
-           generator: torch.Generator | None = None, logprobs: bool = False) -> tuple[Tensor, Tensor]:
+           generator: torch.Generator | None = None, logprobs: bool = False,
+           tokens_only: bool = False) -> tuple[Tensor, Tensor | None]:
     """Sample `response_length` tokens per left-padded prompt; returns (responses [B,R], logits [B,R,V]),
-    or with `logprobs` (responses, log-probs [B,R]) of the drawn tokens instead of the logits.
+    or with `logprobs` (responses, log-probs [B,R]) of the drawn tokens instead of the logits, or with
+    `tokens_only` (responses, None): evaluation and generation, which read only the tokens, then keep
+    no [B, R, V] tensor (at 256 rows x 8 tokens of GPT-2's vocabulary, 0.4 GB, and as much again stacked).
 
     Pure sampling from softmax(logits / temperature), as PPO's ratio assumes the policy is the
     sampler; `temperature` 0 decodes greedily (evaluation only: the logits are then untempered). A KV-cached loop rather than `generate`: the prefill computes LM-head logits for the
@@ -57,7 +60,7 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     """
     with _cached_autocast(input_ids.device.type), packed_linears(policy):
         return _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id,
-                       stop_token_id, generator, logprobs)
+                       stop_token_id, generator, logprobs, tokens_only)
 
 
 def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor):
@@ -98,7 +101,7 @@ def draw(logits: Tensor, temperature: float | Tensor, generator: torch.Generator
 
 
 def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator,
-            keep_logprobs=False):
+            keep_logprobs=False, tokens_only=False):
     B = input_ids.shape[0]
     steps = decode_steps(policy, input_ids, attention_mask)
     step_logits = next(steps)
@@ -111,16 +114,20 @@ def _sample(policy, input_ids, attention_mask, response_length, temperature, pad
             tok = draw(step_logits, temperature, generator)
         tok = torch.where(done, pad_token_id, tok)
         tokens.append(tok)
-        logits.append(logprobs_from_logits(step_logits[:, None], tok[:, None], temperature or 1.0)[:, 0]
-                      if keep_logprobs else step_logits)
+        if not tokens_only:
+            logits.append(logprobs_from_logits(step_logits[:, None], tok[:, None], temperature or 1.0)[:, 0]
+                          if keep_logprobs else step_logits)
         if stop_token_id is not None:
             done |= tok == stop_token_id
         if t == response_length - 1 or bool(done.all()):
             break
         step_logits = steps.send(tok)
     steps.close()
-    responses, logits = torch.stack(tokens, 1), torch.stack(logits, 1)
+    responses = torch.stack(tokens, 1)
     missing = response_length - responses.shape[1]
+    if tokens_only:
+        return torch.nn.functional.pad(responses, (0, max(missing, 0)), value=pad_token_id), None
+    logits = torch.stack(logits, 1)
     if missing > 0:
         responses = torch.nn.functional.pad(responses, (0, missing), value=pad_token_id)
         if keep_logprobs:  # what the zero logits of the padding would give
