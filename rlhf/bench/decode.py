@@ -11,10 +11,10 @@ One JSON line per (implementation, batch, response length): {"kind": "generate",
 
 How: a random-init GPT-2 of the preset's shape (the weights do not change the cost), left-padded
 prompts of `--prompt-length` tokens, every row decoding exactly `response_length` tokens (no stop
-token) at temperature 1. Ours is `rlhf.models.sampling.sample` as the rollout calls it (`logprobs=True`:
-the drawn tokens' log-probs step by step, no [B, R, V] logits kept); theirs is
-`model.generate(do_sample=True, top_k=0)`, which keeps no logits either. A decode step's time is (time for R tokens - time for 1
-token) / (R - 1), so the prefill is not counted; the best of `--rounds` is kept. MBU, as LLM-serving
+token) at temperature 1. Ours is `rlhf.models.sampling.sample` as the rollout calls it
+(`logprobs=True`: the drawn tokens' log-probs step by step, no [B, R, V] logits kept); theirs is
+`model.generate(do_sample=True, top_k=0)`, which keeps no logits either. A decode step's time is
+(time for R tokens - time for 1 token) / (R - 1), so the prefill is not counted; the best of `--rounds` is kept. MBU, as LLM-serving
 benchmarks report it: the bytes a decode step must read (every weight once, the LM head included,
 plus the KV cache at the step's mean context length) per step time, over the memory bandwidth this
 command measures (a large tensor copy on the device: bytes read + written per second), with the weights counted at
