@@ -62,7 +62,7 @@ def resolve_log(path: Path) -> tuple[str, Path]:
     if path.is_file():
         return ("tensorboard" if "tfevents" in path.name else "csv"), path
     algo = run_algo(path)
-    stage = stage_folder(path)
+    stage = stage_folder(path, algo)
     for csv in (stage / "metrics.csv", path / "metrics.csv"):
         if csv.is_file():
             return "csv", csv
@@ -86,11 +86,12 @@ def run_algo(run_dir: Path) -> str:
     return algo if isinstance(algo, str) and algo else "ppo"
 
 
-def stage_folder(run_dir: Path) -> Path:
+def stage_folder(run_dir: Path, algo: str | None = None) -> Path:
     """The folder of the run's last stage: ``<run>/<algo>/``, or, where a sweep job took that stage
     from an earlier job with the same settings and inputs (``reused_from`` in its summary.json,
-    rlhf/training/reuse.py), that job's folder, which holds the stage's logs."""
-    algo = run_algo(run_dir)
+    rlhf/training/reuse.py), that job's folder, which holds the stage's logs. `algo`: the run's
+    `run_algo`, where the caller has it already."""
+    algo = algo or run_algo(run_dir)
     own = run_dir / algo
     if own.is_dir():
         return own

@@ -202,12 +202,10 @@ def _table(seeds: pd.DataFrame, params: list[str], drop_empty: bool) -> list[str
     wanted = [*COMPARISON[:2], *((m, m.removesuffix("_after")) for m in passes), *COMPARISON[2:]]
     cols = []
     for names, label in wanted:  # the first of a column's metrics that the summaries have
-        have = [m for m in ((names,) if isinstance(names, str) else names) if f"{m}_mean" in seeds.columns
-                and not seeds[f"{m}_mean"].isna().all()]
-        if have:
-            cols.append((have[0], label))
-        elif isinstance(names, str) and f"{names}_mean" in seeds.columns and not drop_empty:
-            cols.append((names, label))
+        present = [m for m in ((names,) if isinstance(names, str) else names) if f"{m}_mean" in seeds.columns]
+        filled = [m for m in present if not seeds[f"{m}_mean"].isna().all()]
+        if filled or (present and not drop_empty):
+            cols.append(((filled or present)[0], label))
     lines = ["| " + " | ".join([", ".join(params) or "configuration", "seeds", *(lb for _, lb in cols)]) + " |",
              "|" + "---|" * (2 + len(cols))]
     for _, r in seeds.iterrows():
