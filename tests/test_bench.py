@@ -12,6 +12,7 @@ import pytest
 
 from rlhf.bench.common import Shape, body_params, grpo_flops_per_episode, ppo_flops_per_episode, rm_flops_per_pair
 from rlhf.bench.scaling import exponent
+from rlhf.models.causal_lm import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "small", "--precision", "fp32", "--layers", "1", "--dim", "32", "--heads", "2", "--vocab", "50257", "--batch", "4", "--episodes", "8",
@@ -144,6 +145,8 @@ def test_decode_benchmark_json_lines():
     for x in steps:
         assert x["kind"] == "generate" and x["ms_per_step"] > 0 and x["bandwidth_gbs"] > 0
         assert 0 < x["mbu"] and x["response_length"] == 4 and x["prompt_length"] == 8 and x["device"] == "cpu"
+    # ours decodes with the attention kernel the project loads policies with, not transformers' default
+    assert {x["impl"]: x["attention"] for x in steps} == {"ours": ModelConfig().attention, "transformers": "sdpa"}
     # bytes a step reads: the weights (tied embeddings once) plus the KV cache, which grows with the batch
     assert steps[2]["bytes_per_step"] > steps[0]["bytes_per_step"]
     ratios = [x for x in lines if "ratio" in x]

@@ -5,7 +5,7 @@
     python -m rlhf.bench --kind generate --device cuda    # on a GPU (part `decode` of rlhf.bench.gpu_check)
 
 One JSON line per (implementation, batch, response length): {"kind": "generate", "impl": "ours" |
-"transformers", "batch", "prompt_length", "response_length", "ms_per_step", "mbu", "bytes_per_step",
+"transformers", "batch", "prompt_length", "response_length", "attention", "ms_per_step", "mbu", "bytes_per_step",
 "bandwidth_gbs", "precision", "threads", "device", "machine"}, then one per (batch, length) with "ratio"
 (transformers' ms per step over ours: above 1, ours is faster).
 
@@ -18,9 +18,11 @@ token) at temperature 1. Ours is `rlhf.models.sampling.sample` as the rollout ca
 benchmarks report it: the bytes a decode step must read (every weight once, the LM head included,
 plus the KV cache at the step's mean context length) per step time, over the memory bandwidth this
 command measures (a large tensor copy on the device: bytes read + written per second), with the weights counted at
-the benchmark's precision. In `bf16`, ours runs as the rollout does under Lightning's bf16-mixed (fp32
-weights packed once per rollout for oneDNN, the body in bf16 and the LM head in fp32), and
-transformers' `generate` on a bf16 copy of the model, as inference usually runs it.
+the benchmark's precision. Ours is the model as the project loads a policy (`load_causal_lm`: its
+attention kernel, eager without CUDA, and the one-kernel GELU); in `bf16` it runs as the rollout does
+under Lightning's bf16-mixed (fp32 weights packed once per rollout for oneDNN, the body in bf16 and the
+LM head in fp32). Transformers' `generate` runs on a bf16 copy of the same weights with the attention
+kernel transformers chooses by default, as inference usually runs it. Each line names its "attention".
 """
 from __future__ import annotations
 
@@ -106,15 +108,23 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
+    from rlhf.models.causal_lm import ModelConfig, prepare
+
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=shape.layers, n_embd=shape.dim, n_head=shape.heads, vocab_size=shape.vocab,
-                     n_positions=max(1024, prompt_length + max(lengths)))
-    model = GPT2LMHeadModel(cfg).eval()
+
+    def gpt2(**attention):
+        return GPT2LMHeadModel(GPT2Config(n_layer=shape.layers, n_embd=shape.dim, n_head=shape.heads,
+                                          vocab_size=shape.vocab, n_positions=max(1024, prompt_length + max(lengths)),
+                                          **attention)).eval()
+
+    # Ours as the project loads a policy (`load_causal_lm`: its default attention kernel, one-kernel
+    # GELU); transformers' as `from_pretrained` gives it to a user, with its default kernel.
+    model = prepare(gpt2(attn_implementation=ModelConfig().attention))
     bf16 = precision == "bf16"
-    models = {"ours": model, "transformers": GPT2LMHeadModel(cfg).to(torch.bfloat16).eval() if bf16 else model}
-    if bf16:
-        models["transformers"].load_state_dict(model.state_dict())
+    theirs = gpt2()
+    theirs.load_state_dict(model.state_dict())
+    models = {"ours": model, "transformers": theirs.to(torch.bfloat16) if bf16 else theirs}
     models = {k: m.to(device) for k, m in models.items()}
     bw = bandwidth_gbs(device=device)
     rows = []
@@ -125,7 +135,8 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
             for impl in ("ours", "transformers"):
                 ms[impl] = measure(models[impl], impl, b, prompt_length, r, rounds, autocast=bf16 and impl == "ours")
                 row = {"kind": "generate", "impl": impl, "batch": b, "prompt_length": prompt_length,
-                       "response_length": r, "ms_per_step": round(ms[impl], 3),
+                       "response_length": r, "attention": models[impl].config._attn_implementation,
+                       "ms_per_step": round(ms[impl], 3),
                        "mbu": round(nbytes / (ms[impl] / 1000) / (bw * 1e9), 4), "bytes_per_step": nbytes,
                        "bandwidth_gbs": round(bw, 2), "precision": precision, "threads": threads,
                        "shape": f"{shape.layers}x{shape.dim}", "device": device,
