@@ -108,21 +108,17 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
 
-    from rlhf.models.causal_lm import ModelConfig, prepare
+    from rlhf.models.causal_lm import ModelConfig, load_causal_lm
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-
-    def gpt2(**attention):
-        return GPT2LMHeadModel(GPT2Config(n_layer=shape.layers, n_embd=shape.dim, n_head=shape.heads,
-                                          vocab_size=shape.vocab, n_positions=max(1024, prompt_length + max(lengths)),
-                                          **attention)).eval()
-
-    # Ours as the project loads a policy (`load_causal_lm`: its default attention kernel, one-kernel
+    arch = {"n_layer": shape.layers, "n_embd": shape.dim, "n_head": shape.heads,
+            "n_positions": max(1024, prompt_length + max(lengths))}
+    # Ours built by the project's own loader, as a policy is (its default attention kernel, one-kernel
     # GELU); transformers' as `from_pretrained` gives it to a user, with its default kernel.
-    model = prepare(gpt2(attn_implementation=ModelConfig().attention))
+    model = load_causal_lm(ModelConfig(arch=arch), vocab_size=shape.vocab).eval()
     bf16 = precision == "bf16"
-    theirs = gpt2()
+    theirs = GPT2LMHeadModel(GPT2Config(vocab_size=shape.vocab, **arch)).eval()
     theirs.load_state_dict(model.state_dict())
     models = {"ours": model, "transformers": theirs.to(torch.bfloat16) if bf16 else theirs}
     models = {k: m.to(device) for k, m in models.items()}
