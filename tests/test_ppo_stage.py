@@ -332,7 +332,7 @@ def test_reward_model_with_another_tokenizer(trained_artifacts, tmp_path, value_
 def test_nan_reward_stops_with_user_error(trained_artifacts, tmp_path, monkeypatch):
     import rlhf.stages.online as online_stage  # where every online stage scores its rollouts
 
-    def nan_scores(model, input_ids, attention_mask, normalize=True):
+    def nan_scores(model, input_ids, attention_mask, normalize=True, prompt_length=None):
         return torch.full((input_ids.shape[0],), float("nan"))
 
     monkeypatch.setattr(online_stage, "reward_scores", nan_scores)

@@ -20,7 +20,9 @@ One reward-model pair: 6 * N_body * (T_chosen + T_rejected) (real tokens, not pa
 One GRPO episode (one response; no value model, I = num_iterations):
     generation + reference (if beta > 0) + reward as for PPO, training I * 6 * (N_body * T + head * R)
     (the old log-probs come from generation's logits: a separate forward for them, as TRL runs when
-    I > 1, is not counted as useful work)
+    I > 1, is not counted as useful work). The prompt is counted once per response, as a plain
+    forward computes it; ours runs each group's prompt once (`shared_prefix`), so its GRPO MFU is
+    the work of the plain forward per second, which can exceed what the hardware executed.
 
 The same count is used for both implementations: it is the useful work, so an implementation
 that computes logits it never uses (e.g. over prompt positions) gets a lower MFU, not a higher one.

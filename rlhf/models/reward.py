@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, GPT2Config, GPT2For
 
 from rlhf.models.causal_lm import ModelConfig, from_pretrained, head_fp32, prepare
 from rlhf.models.lora import add_lora
+from rlhf.models.sampling import backbone_hidden
 
 
 def load_reward_model(cfg: ModelConfig, init_from: str | None = None, pad_token_id: int = 50256,
@@ -49,20 +50,16 @@ def check_reward_model(path: str) -> None:
                          "expected a *ForSequenceClassification export with one label, as the rm stage writes")
 
 
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 normalize: bool = False) -> torch.Tensor:
+                 normalize: bool = False, prompt_length: int | None = None) -> torch.Tensor:
     """Scalar head output at every position, [B, T] (the value model uses all of them), in fp32.
 
     `normalize` applies the stored gain/bias, (raw - reward_mean) / reward_std: the units of the
     scores PPO optimises. A value model initialised from the reward model must predict in those
     units, or its first estimates are off by the RM's scale (std ~4 in the default run).
+    `prompt_length`: rows sharing their first `prompt_length` tokens compute them once (`backbone_hidden`).
     """
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    hidden = backbone_hidden(model, input_ids, attention_mask, prompt_length)
     values = head_fp32(model.score, hidden).squeeze(-1)
     if not normalize:
         return values
@@ -72,8 +69,8 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
 
 
 def reward_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  normalize: bool = True) -> torch.Tensor:
+                  normalize: bool = True, prompt_length: int | None = None) -> torch.Tensor:
     """Score of each sequence, read at its last attended token; [B]."""
-    values = token_values(model, input_ids, attention_mask, normalize)
+    values = token_values(model, input_ids, attention_mask, normalize, prompt_length)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)
     return values.gather(1, last[:, None]).squeeze(1)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from rlhf.algorithms.core import logprobs_from_logits, position_ids_from_mask
 from rlhf.models.causal_lm import fast_fp32_matmul, head_fp32
 from rlhf.models.packed import packed_linears
+from rlhf.models.shared_prefix import distinct_prompts, prefill_shared, shared_prefix_hidden
 
 
 @contextmanager
@@ -42,7 +43,7 @@ def _cached_autocast(device_type: str):
 def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int,
            temperature: float, pad_token_id: int, stop_token_id: int | None = None,
            generator: torch.Generator | None = None, logprobs: bool = False,
-           tokens_only: bool = False) -> tuple[Tensor, Tensor | None]:
+           tokens_only: bool = False, shared_prefix: bool = False) -> tuple[Tensor, Tensor | None]:
     """Sample `response_length` tokens per left-padded prompt; returns (responses [B,R], logits [B,R,V]),
     or with `logprobs` (responses, log-probs [B,R]) of the drawn tokens instead of the logits, or with
     `tokens_only` (responses, None): evaluation and generation, which read only the tokens, then keep
@@ -57,23 +58,29 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     The log-probs are `logprobs_from_logits(logits, responses, temperature)` (untempered when
     greedy), computed step by step as the tokens are drawn, so the rollout's old log-probs need
     no [B, R, V] tensor: at batch 32 and 256 tokens of GPT-2's vocabulary that is 1.6 GB.
+    With `shared_prefix`, rows with the same prompt share one prefill (`rlhf/models/shared_prefix.py`).
     """
     with _cached_autocast(input_ids.device.type), packed_linears(policy):
         return _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id,
-                       stop_token_id, generator, logprobs, tokens_only)
+                       stop_token_id, generator, logprobs, tokens_only, shared_prefix)
 
 
-def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor):
+def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, shared_prefix: bool = False):
     """The KV-cached decode loop as a generator: yields the next-token logits [B, V] (fp32, `head_fp32`),
     and is sent the tokens [B] chosen from them, which it feeds back through the cache.
 
     Left-padded prompts, position ids counted from each row's first real token; the prefill applies
     the LM head to the last prompt position only. Shared by the training sampler (`sample`) and the
     HTTP server's batched engine, which chooses tokens its own way (per-row temperature, stop strings).
+    With `shared_prefix`, identical prompts are prefilled once and their cache copied to their rows.
     """
     body, head = policy.base_model, policy.get_output_embeddings()
     pos = position_ids_from_mask(attention_mask)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
+    groups = distinct_prompts(input_ids, attention_mask, input_ids.shape[1]) if shared_prefix else None
+    if groups is not None:
+        out = prefill_shared(body, input_ids, attention_mask, pos, groups)
+    else:
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
     next_pos = pos[:, -1:] + 1
     mask = attention_mask
     while True:
@@ -101,9 +108,9 @@ def draw(logits: Tensor, temperature: float | Tensor, generator: torch.Generator
 
 
 def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator,
-            keep_logprobs=False, tokens_only=False):
+            keep_logprobs=False, tokens_only=False, shared_prefix=False):
     B = input_ids.shape[0]
-    steps = decode_steps(policy, input_ids, attention_mask)
+    steps = decode_steps(policy, input_ids, attention_mask, shared_prefix)
     step_logits = next(steps)
     tokens, logits = [], []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -138,8 +145,15 @@ def _sample(policy, input_ids, attention_mask, response_length, temperature, pad
     return responses, logits
 
 
-def backbone_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Last hidden states, with position ids counted from each row's first real token."""
+def backbone_hidden(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
+                    prompt_length: int | None = None) -> Tensor:
+    """Last hidden states, with position ids counted from each row's first real token. With
+    `prompt_length`, rows whose first `prompt_length` tokens are the same compute them once
+    (`shared_prefix_hidden`)."""
+    if prompt_length is not None:
+        hidden = shared_prefix_hidden(model, input_ids, attention_mask, prompt_length)
+        if hidden is not None:
+            return hidden
     return model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
 
@@ -282,14 +296,15 @@ def _slice_logits(w: Tensor, h: Tensor, temperature: float) -> Tensor:
 
 def response_logprobs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, context_length: int,
                       tokens: Tensor, temperature: float = 1.0, hidden: Tensor | None = None,
-                      entropy: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                      entropy: bool = False, shared_prefix: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Log-probs [B, R] of the response `tokens` (fp32, as `logprobs_from_logits(response_logits(...))`),
     with the head fused into the log-softmax (`_HeadLogProbs`); with `entropy`, also each position's
-    entropy [B, R] (no gradient). Heads other than a bias-free linear layer take the unfused path."""
+    entropy [B, R] (no gradient). Heads other than a bias-free linear layer take the unfused path.
+    `shared_prefix`: rows sharing a prompt run it once (`backbone_hidden`)."""
     from rlhf.algorithms.core import entropy_from_logits, logprobs_from_logits
 
     if hidden is None:
-        hidden = backbone_hidden(model, input_ids, attention_mask)
+        hidden = backbone_hidden(model, input_ids, attention_mask, context_length if shared_prefix else None)
     hidden = hidden[:, context_length - 1 : -1]
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None:

@@ -182,7 +182,8 @@ class OnlineRLModule(OnlineUpdate, Stage):
     def ref_logprobs(self, ids, mask, context_length, responses):
         """Log-probs of the responses under the reference: the frozen copy, or the policy with its LoRA adapter off."""
         with reference_policy(self.policy, self.ref_policy) as ref:
-            return response_logprobs(ref, ids, mask, context_length, responses, self.cfg.temperature)
+            return response_logprobs(ref, ids, mask, context_length, responses, self.cfg.temperature,
+                                     shared_prefix=self.cfg.shares_prompts)
 
     @torch.no_grad()
     def score(self, queries, qmask, responses, resp_mask, prompts: list[str]) -> torch.Tensor:
@@ -202,7 +203,8 @@ class OnlineRLModule(OnlineUpdate, Stage):
     def _rm_scores(self, queries, qmask, responses, content, prompts):
         if self.same_tokenizer:
             ids = torch.cat([queries, responses], 1)
-            return reward_scores(self.reward_model, ids, torch.cat([qmask, content.long()], 1))
+            return reward_scores(self.reward_model, ids, torch.cat([qmask, content.long()], 1),
+                                 prompt_length=self.shared_prompt(queries.shape[1]))
         texts = [p + self.tokenizer.decode(r[m]) for p, r, m in zip(prompts, responses, content)]
         enc = self.rm_tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                 max_length=getattr(self.reward_model.config, "n_positions", 1024)).to(self.device)
@@ -226,7 +228,8 @@ class OnlineRLModule(OnlineUpdate, Stage):
         self.policy.eval()
         gen = self.update_generator()
         responses, logprobs = sample(self.policy, queries, qmask, c.response_length, c.temperature,
-                                     self.tokenizer.pad_token_id, self.stop_id, generator=gen, logprobs=True)
+                                     self.tokenizer.pad_token_id, self.stop_id, generator=gen, logprobs=True,
+                                     shared_prefix=c.shares_prompts)
         responses, resp_mask, has_stop = core.truncate_after_stop(responses, self.stop_id, self.tokenizer.pad_token_id)
         ids = torch.cat([queries, responses], 1)
         mask = torch.cat([qmask, resp_mask.long()], 1)

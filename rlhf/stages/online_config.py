@@ -33,6 +33,11 @@ class OnlineConfig(StageConfig):
     # Warn when a rollout's log-probs and the first training forward's differ by more (nats, max over
     # tokens, before any step): precision or kernel differences that would make ratios start off 1.
     logprob_gap_warn: float = 0.05
+    # Where responses are drawn in groups per prompt (generations_per_prompt > 1: GRPO, RLOO, ...), each
+    # pass (sampling's prefill, reference, reward model, training) runs a group's prompt once: Prefix
+    # Grouper, Liu et al. 2025 (verl's use_prefix_grouper). The plain forward's hidden states, to float
+    # rounding (rlhf/models/shared_prefix.py); false runs the plain forward.
+    shared_prefix: bool = True
     # ----- the parts (rlhf/algorithms/parts.py); each algorithm sets its own defaults -----
     advantage_estimator: str = "gae"  # gae | grpo | rloo | reinforce_pp | reinforce_pp_baseline
     policy_loss: str = "clipped"  # clipped | gspo | cispo | clipped_sequence
@@ -102,6 +107,11 @@ class OnlineConfig(StageConfig):
     @property
     def generations_per_prompt(self) -> int:
         return 1
+
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether passes over a rollout run each group's prompt once (`shared_prefix`)."""
+        return self.shared_prefix and self.generations_per_prompt > 1
 
     @property
     def optimizer_steps_per_update(self) -> int:

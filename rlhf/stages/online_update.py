@@ -18,6 +18,10 @@ from rlhf.stages.online_config import Rollout
 
 class OnlineUpdate:
     # ----- the update, assembled from the configured parts -----
+    def shared_prompt(self, context_length: int) -> int | None:
+        """The prompt length to share between rows with the same prompt (`backbone_hidden`), or None."""
+        return context_length if self.cfg.shares_prompts else None
+
     def _values(self, ids, mask, context_length, hidden=None):
         """V(state before each response token), in the normalised reward's units, [B, R].
 
@@ -25,7 +29,8 @@ class OnlineUpdate:
         policy will receive (N+ details): at a response's stop token its value is that response's score.
         """
         if self.cfg.value_model == "separate":
-            return token_values(self.value_model, ids, mask, normalize=True)[:, context_length - 1 : -1]
+            return token_values(self.value_model, ids, mask, normalize=True,
+                                prompt_length=self.shared_prompt(context_length))[:, context_length - 1 : -1]
         return head_fp32(self.value_head, hidden[:, context_length - 1 : -1]).squeeze(-1)
 
     def advantage_inputs(self, roll: Rollout) -> tuple[parts.AdvantageInputs, dict]:
@@ -35,7 +40,8 @@ class OnlineUpdate:
         values = None
         if c.value_model is not None:
             self.policy.eval()
-            hidden = backbone_hidden(self.policy, roll.ids, roll.mask) if c.value_model == "shared" else None
+            hidden = (backbone_hidden(self.policy, roll.ids, roll.mask, self.shared_prompt(roll.context_length))
+                      if c.value_model == "shared" else None)
             values = torch.where(roll.resp_mask, self._values(roll.ids, roll.mask, roll.context_length, hidden), 0.0)
             self.policy.train()
         m = {"objective/kl_coef": coef}
@@ -79,7 +85,7 @@ class OnlineUpdate:
 
         def step(mb):
             rm = roll.resp_mask[mb]
-            h = backbone_hidden(self.policy, ids[mb], mask[mb])
+            h = backbone_hidden(self.policy, ids[mb], mask[mb], self.shared_prompt(Q))
             new, entropy = response_logprobs(self.policy, ids[mb], mask[mb], Q, responses[mb], c.temperature,
                                              hidden=h, entropy=True)
             a = adv[mb]
