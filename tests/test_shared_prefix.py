@@ -131,9 +131,11 @@ def test_reward_model_scores_the_same_with_shared_prompts():
                                    atol=1e-6, rtol=0)
 
 
-def test_a_grpo_update_is_the_same_with_and_without_shared_prompts(trained_artifacts, tmp_path):
+@pytest.mark.parametrize("lora", [(), ("model/lora=default", "model.lora.r=4")], ids=["full", "lora"])
+def test_a_grpo_update_is_the_same_with_and_without_shared_prompts(trained_artifacts, tmp_path, lora):
     """One GRPO update (2 prompts x 4 responses, 2 passes) from the same seed: the same responses,
-    scores and reference log-probs, weights equal to float rounding, and fewer tokens through the body."""
+    scores and reference log-probs (with LoRA: the policy with its adapter off), weights equal to
+    float rounding, and fewer tokens through the body."""
     from rlhf.data import PreferenceDataModule, SyntheticPreferences
 
     results = {}
@@ -141,7 +143,7 @@ def test_a_grpo_update_is_the_same_with_and_without_shared_prompts(trained_artif
         cfg = compose_train(tmp_path / str(shared), "stage=grpo", "algo=grpo", f"grpo.policy_path={trained_artifacts['sft']}",
                             f"reward.model_path={trained_artifacts['rm']}", *TINY_DATA, "grpo.batch_size=8",
                             "grpo.num_generations=4", "grpo.response_length=6", "grpo.max_prompt_length=48",
-                            "grpo.eval_prompts=8", f"grpo.shared_prefix={str(shared).lower()}")
+                            "grpo.eval_prompts=8", f"grpo.shared_prefix={str(shared).lower()}", *lora)
         pl.seed_everything(cfg.seed)
         module = build_stage(cfg, "grpo", Inputs(policy=str(trained_artifacts["sft"]),
                                                  reward_model=str(trained_artifacts["rm"])))
