@@ -107,6 +107,7 @@ def test_bench_grpo_vs_trl_comparison_line():
         _check_measurement(line, "grpo", line["impl"])  # both sides' policies really changed
         assert line["shape"].endswith("-G4-I2-M1")
     assert trl["config"]["reference_model"] is True and trl["config"]["loss_type"] == "grpo"
+    assert ours["config"]["shared_prefix"] is True  # each group's prompt once (`--shared-prefix`, default on)
     assert cmp["ratio"] == pytest.approx(cmp["ours"] / cmp["trl"], rel=1e-2)
 
 
@@ -134,6 +135,13 @@ def test_bench_refuses_bad_sweeps():
         proc = subprocess.run([sys.executable, "-m", "rlhf.bench", "--scaling", "x", *args], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and msg in proc.stderr, (args, proc.stderr[-500:])
+
+
+def test_bench_refuses_prompts_longer_than_the_synthetic_data():
+    # It used to keep doubling its candidates, looking for 256-token synthetic prompts (at most ~40).
+    proc = subprocess.run([sys.executable, "-m", "rlhf.bench", "--kind", "grpo", "--prompt-length", "256", *TINY],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--prompt-length 256" in proc.stderr and "longest" in proc.stderr, proc.stderr[-500:]
 
 
 def test_decode_benchmark_json_lines():

@@ -75,6 +75,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--trl-kernels", choices=("trl", "ours"), default="trl",
                     help="trl: TRL's models as transformers loads them; ours: with our attention kernel, GELU and "
                          "allocator setting too, so the ratio measures the loops alone")
+    ap.add_argument("--shared-prefix", choices=("on", "off"), default="on",
+                    help="ours, GRPO: each group's prompt run once in every pass (grpo.shared_prefix, the default); "
+                         "off: once per response, as TRL does")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where both sides run (auto: cuda when available, else cpu)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -174,7 +177,7 @@ def job_for(a, kind: str, s: Shape, dirs: dict, tmp: Path, updates: int) -> dict
     return {"kind": kind, "shape": shape_dict(s), "policy": dirs["policy"], "rm": dirs["rm"],
             "data": str(tmp / "data.json"), "warmup": a.warmup, "updates": updates, "threads": a.threads,
             "seed": a.seed, "lr": a.lr, "rm_lr": a.rm_lr, "weight_decay": a.weight_decay,
-            "kernels": a.trl_kernels, "device": a.device}
+            "kernels": a.trl_kernels, "device": a.device, "shared_prefix": a.shared_prefix == "on"}
 
 
 def grpo_splits(s: Shape, batch: int) -> bool:
@@ -255,10 +258,10 @@ def run_shape(a, s: Shape, kinds: list[str], episodes: int) -> None:
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as d:
         tmp = Path(d)
         log(f"building models and data for {s.id('ppo')}")
-        dirs = build_models(s, tmp, a.seed)
         total = {k: s.batch * (a.warmup + u) for k, u in updates.items()}
         n_prompts = max([total[k] for k in ("ppo", "grpo") if k in kinds], default=0)
-        data = make_data(s, n_prompts, total["rm"] if "rm" in kinds else 0, a.seed)
+        data = make_data(s, n_prompts, total["rm"] if "rm" in kinds else 0, a.seed)  # first: it can refuse
+        dirs = build_models(s, tmp, a.seed)
         (tmp / "data.json").write_text(json.dumps(data))
         precisions = {a.precision} | (set(a.trl_precisions) if a.vs_trl else set())
         peaks = {}
@@ -300,10 +303,10 @@ def run_scaling(a) -> int:
         tmp = Path(d)
         big = replace(s0, response_length=max(a.sweep_lengths), batch=max(a.sweep_batches))
         log(f"building models and data for the sweep on {s0.id(kind)}")
-        dirs = build_models(big, tmp, a.seed)
         per_prompt = s0.num_generations if kind == "grpo" else 1
         need = max(b // per_prompt * (a.warmup + math.ceil(episodes / b)) for b in a.sweep_batches)
-        data = make_data(big, need, 0, a.seed)
+        data = make_data(big, need, 0, a.seed)  # first: it can refuse
+        dirs = build_models(big, tmp, a.seed)
         (tmp / "data.json").write_text(json.dumps(data))
         peak = matmul_peak_tflops(a.precision, device=a.device)
         for b in a.sweep_batches:

@@ -208,11 +208,19 @@ def make_data(s: Shape, n_prompts: int, n_pairs: int, seed: int = SEED) -> dict:
         clen = [len(x) for x in tok([p.chosen for p in cand], add_special_tokens=False)["input_ids"]]
         rlen = [len(x) for x in tok([p.rejected for p in cand], add_special_tokens=False)["input_ids"]]
         ptoks = tok([p.prompt for p in cand], add_special_tokens=False)["input_ids"]
+        had = (len(prompts), len(pairs))
         for p, a, b, c, ids in zip(cand, plen, clen, rlen, ptoks):
             if a >= s.prompt_length and roundtrips(ids[-s.prompt_length:]):
                 prompts.append(p)
                 if min(b, c) >= s.rm_response_length:
                     pairs.append(p)
+        # None of this many candidates fits: the lengths are beyond what the synthetic data has
+        # (each further attempt doubles the candidates, so it would only grow without end).
+        if (len(prompts) == had[0] and len(prompts) < n_prompts) or (len(pairs) == had[1] and len(pairs) < n_pairs):
+            raise SystemExit(f"rlhf.bench: no synthetic prompt of {len(cand)} has --prompt-length {s.prompt_length} "
+                             f"tokens (longest {max(plen)})" + (f" with both responses of --rm-response-length "
+                             f"{s.rm_response_length} (longest {max(min(b, c) for b, c in zip(clen, rlen))})"
+                             if n_pairs else "") + ": choose shorter lengths")
         attempt += 1
         n *= 2
     prompts, pairs = prompts[:n_prompts], pairs[:n_pairs]

@@ -114,7 +114,8 @@ def run(a: dict, root: str) -> dict:
                      f"grpo.max_steps={updates}", f"grpo.beta={s.beta}", "grpo.loss_agg_mode=seq_mean_token_mean",
                      "grpo.scale_rewards=group", "grpo.stop_token=null", "grpo.missing_eos_penalty=null",
                      "grpo.max_grad_norm=null", "grpo.temperature=1.0", f"grpo.lr={a['lr']}",
-                     f"grpo.weight_decay={a.get('weight_decay', 0.0)}"]
+                     f"grpo.weight_decay={a.get('weight_decay', 0.0)}",
+                     f"grpo.shared_prefix={str(a.get('shared_prefix', True)).lower()}"]
         key = "grpo"
         pairs = [PreferencePair(p, "", "") for p in data["prompts_exact"][: s.batch // s.num_generations * updates]]
     else:
@@ -151,7 +152,8 @@ def run(a: dict, root: str) -> dict:
                device=a.get("device", "cpu"), peak_gpu_mb=peak_gpu_mb(),
                precision=a["precision"], weights_changed=all(_changed(m, b) for m, b in zip(watched, before)),
                config={"lightning_precision": precision, "optim": optimizer_name(opt),
-                       "grad_clip": getattr(conf, "max_grad_norm", cfg.trainer.get("gradient_clip_val"))})
+                       "grad_clip": getattr(conf, "max_grad_norm", cfg.trainer.get("gradient_clip_val")),
+                       "shared_prefix": bool(getattr(conf, "shares_prompts", False))})
     return res
 
 
