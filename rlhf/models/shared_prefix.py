@@ -10,9 +10,9 @@ prompt once per response. Here the distinct prompts run once, their key/value ca
 the rows that share them (`Cache.reorder_cache`, an `index_select`, so in a training pass the
 gradients of the rows sharing a prompt are summed through it), and the responses run on top of
 it. The hidden states are those of the plain forward (the same positions, mask and attention;
-equal to float rounding, bit-identical in the cases the tests check), so nothing an algorithm
-computes changes: only the body's work does, from B x (P + R) tokens to U x P + B x R for U
-distinct prompts. Rows need not be consecutive: minibatches drawn in a shuffled order share
+equal to float rounding, which the tests bound at 1e-6; bit-identical where measured), so
+nothing an algorithm computes changes: only the body's work does, from B x (P + R) tokens to
+U x P + B x R for U distinct prompts. Rows need not be consecutive: minibatches drawn in a shuffled order share
 whatever prompts they have in common.
 
 The token embeddings of both parts are looked up in one call, so the tied embedding's gradient is
