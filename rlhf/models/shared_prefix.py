@@ -12,8 +12,8 @@ gradients of the rows sharing a prompt are summed through it), and the responses
 it. The hidden states are those of the plain forward (the same positions, mask and attention;
 equal to float rounding, which the tests bound at 1e-6; bit-identical where measured), so
 nothing an algorithm computes changes: only the body's work does, from B x (P + R) tokens to
-U x P + B x R for U distinct prompts. Rows need not be consecutive: minibatches drawn in a shuffled order share
-whatever prompts they have in common.
+U x P + B x R for U distinct prompts. Rows need not be consecutive: minibatches drawn in a
+shuffled order share whatever prompts they have in common.
 
 The token embeddings of both parts are looked up in one call, so the tied embedding's gradient is
 built once (a second lookup would add a second dense [vocab, width] gradient). Rows that share no
@@ -36,7 +36,7 @@ def distinct_prompts(input_ids: Tensor, attention_mask: Tensor, context_length: 
     unique, inverse = torch.unique(prompt, dim=0, return_inverse=True)
     if unique.shape[0] == prompt.shape[0]:
         return None
-    # The first row holding each distinct prompt: scatter row indices in reverse so the smallest wins.
+    # The first row holding each distinct prompt: the smallest row index that maps to it.
     rows = torch.arange(prompt.shape[0], device=prompt.device)
     first = torch.full((unique.shape[0],), prompt.shape[0], dtype=rows.dtype, device=rows.device)
     first = first.scatter_reduce(0, inverse, rows, reduce="amin")
