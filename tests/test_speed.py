@@ -103,22 +103,24 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(12):  # 64 MiB, allocated and freed: the heap settles into reusable blocks
     torch.zeros(64 * 2**20 // 4)
-before = faults()
-for _ in range(5):
+for _ in range(7):  # faults per allocation, one line
+    before = faults()
     torch.zeros(64 * 2**20 // 4)
-print((faults() - before) / 5)
+    print(faults() - before, end=" ")
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
-    def faults(mode: str) -> float:
+    def faults(mode: str) -> list[int]:
         out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
-        return float(out.stdout.split()[-1])
+        return sorted(int(n) for n in out.stdout.split())
 
     pages = 64 * 2**20 / 4096
-    assert faults("off") > 0.5 * pages  # every new 64 MiB tensor is page-faulted in again
-    assert faults("on") < 0.05 * pages  # freed memory is reused (once the heap has settled)
+    assert min(faults("off")) > 0.5 * pages  # every new 64 MiB tensor is page-faulted in again
+    # Freed memory is reused: most allocations fault nothing in. Not every one: a small allocation
+    # landing in the freed block (CI saw one allocation in five do this) makes the next extend the heap.
+    assert faults("on")[3] < 0.05 * pages
 
 
 def test_frozen_models_bf16_matmul_weights_compute_the_same_under_autocast():
