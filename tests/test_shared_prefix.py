@@ -93,6 +93,42 @@ def test_shared_prefix_gives_the_plain_forward_with_less_work(lm):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
 
 
+def _saved_weight_casts(lm, forward) -> int:
+    """Distinct low-precision copies of the model's weights that autograd keeps for the backward."""
+    shapes = {tuple(w.shape) for name, w in lm.named_parameters() if name.endswith("weight") and w.dim() == 2}
+    saved = set()
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and tuple(t.shape) in shapes:
+            saved.add(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return len(saved)
+
+
+def test_shared_prefix_casts_each_weight_once_under_bf16_autocast(lm):
+    # Lightning's bf16-mixed autocast has no cast cache: a body called twice would cast (and keep
+    # for the backward) every weight twice. The cache is emptied afterwards, so a weight changed in
+    # place (an optimizer step) is seen by the next forward.
+    q, qm, r, ids, mask = _groups()
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        plain = _saved_weight_casts(lm, lambda: backbone_hidden(lm, ids, mask))
+        shared = _saved_weight_casts(lm, lambda: backbone_hidden(lm, ids, mask, prompt_length=P))
+        assert shared == plain > 0
+        w = lm.transformer.h[0].mlp.c_fc.weight
+        with torch.no_grad():
+            w.mul_(2.0)
+        try:
+            h0, h1 = backbone_hidden(lm, ids, mask), backbone_hidden(lm, ids, mask, prompt_length=P)
+        finally:
+            with torch.no_grad():
+                w.div_(2.0)
+    real = mask.bool()
+    torch.testing.assert_close(h1[real], h0[real], atol=0.05, rtol=0.02)  # bf16 rounding of two paths
+
+
 def test_shared_prefix_falls_back_to_the_plain_forward(lm):
     q, qm, r, ids, mask = _groups()
     with _TokenCount(lm) as seen:

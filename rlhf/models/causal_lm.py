@@ -199,6 +199,25 @@ def fast_fp32_matmul(device_type: str, probe: bool = True):
         matmul.fp32_precision = before
 
 
+@contextlib.contextmanager
+def cached_autocast(device_type: str):
+    """Inside an autocast (Lightning's bf16-mixed runs it with `cache_enabled=False`), cast each
+    weight to the low precision once for everything run under this context rather than at every
+    use: once per rollout for the sampler's decode steps, once per forward for a body called twice
+    (`rlhf.models.shared_prefix`), where autograd would otherwise keep both casts for the backward.
+
+    The cache is emptied on the way out, before any optimizer step can change the weights it holds.
+    """
+    if not torch.is_autocast_enabled(device_type):
+        yield
+        return
+    try:
+        with torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type), cache_enabled=True):
+            yield
+    finally:
+        torch.clear_autocast_cache()
+
+
 def output_heads(model: nn.Module) -> list[nn.Module]:
     """The modules `head_fp32` runs: the LM head and/or a scalar `score` head."""
     heads = [getattr(model, "score", None)]

@@ -9,7 +9,7 @@ memory bandwidth; oneDNN's linear on a weight reordered once into its blocked la
 (`torch.ops.mkldnn._reorder_linear_weight`, the layout `torch.compile` freezing also prepacks)
 runs the same products 1.5-2x faster (docs/benchmark.md). A rollout
 reuses its weights for every step, so the reorder is paid once per rollout, as the bf16 casts of
-`_cached_autocast` were.
+`cached_autocast` (`rlhf.models.causal_lm`) are.
 
 Numbers: only inside a bf16 autocast (bf16-mixed), where each layer computes as its ordinary
 forward would (the body in bf16, the output heads in fp32, as `head_fp32` runs them), and where the

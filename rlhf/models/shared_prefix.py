@@ -16,9 +16,11 @@ U x P + B x R for U distinct prompts. Rows need not be consecutive: minibatches 
 shuffled order share whatever prompts they have in common.
 
 The token embeddings of both parts are looked up in one call, so the tied embedding's gradient is
-built once (a second lookup would add a second dense [vocab, width] gradient). Rows that share no
-prompt, models under gradient checkpointing (which switch the cache off while training), and
-callers that do not say where the prompt ends take the plain forward.
+built once (a second lookup would add a second dense [vocab, width] gradient). For the same
+reason, under a bf16 autocast each weight is cast once for both calls: autograd would keep both
+casts for the backward. Rows that share no prompt, models under gradient checkpointing (which
+switch the cache off while training), and callers that do not say where the prompt ends take the
+plain forward.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from rlhf.algorithms.core import position_ids_from_mask
+from rlhf.models.causal_lm import cached_autocast
 
 
 def distinct_prompts(input_ids: Tensor, attention_mask: Tensor, context_length: int) -> tuple[Tensor, Tensor] | None:
@@ -74,10 +77,11 @@ def shared_prefix_hidden(model: PreTrainedModel, input_ids: Tensor, attention_ma
     U, (B, T) = first.shape[0], input_ids.shape
     embed = model.get_input_embeddings()(torch.cat([input_ids[first, :Q].reshape(-1), input_ids[:, Q:].reshape(-1)]))
     pos = position_ids_from_mask(attention_mask)
-    prompt = body(inputs_embeds=embed[: U * Q].view(U, Q, -1), attention_mask=attention_mask[first, :Q],
-                  position_ids=pos[first, :Q], use_cache=True)
-    cache = prompt.cache
-    cache.reorder_cache(inverse)
-    rest = body(inputs_embeds=embed[U * Q :].view(B, T - Q, -1), attention_mask=attention_mask,
-                position_ids=pos[:, Q:], cache=cache, use_cache=False)
+    with cached_autocast(input_ids.device.type):  # one bf16 cast of each weight for both calls
+        prompt = body(inputs_embeds=embed[: U * Q].view(U, Q, -1), attention_mask=attention_mask[first, :Q],
+                      position_ids=pos[first, :Q], use_cache=True)
+        cache = prompt.cache
+        cache.reorder_cache(inverse)
+        rest = body(inputs_embeds=embed[U * Q :].view(B, T - Q, -1), attention_mask=attention_mask,
+                    position_ids=pos[:, Q:], cache=cache, use_cache=False)
     return torch.cat([prompt.last_hidden_state.index_select(0, inverse), rest.last_hidden_state], 1)
