@@ -134,6 +134,10 @@ def test_shared_prefix_falls_back_to_the_plain_forward(lm):
     with _TokenCount(lm) as seen:
         backbone_hidden(lm, ids[[1, 0, 2]], mask[[1, 0, 2]], prompt_length=P)  # one response per prompt
     assert seen.calls == [3 * (P + R)]
+    for no_prompt in (0, P + R):  # nothing before the responses, or nothing after the prompts
+        with _TokenCount(lm) as seen:
+            backbone_hidden(lm, ids, mask, prompt_length=no_prompt)
+        assert seen.calls == [9 * (P + R)]
     lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
     try:  # the cache is off while a checkpointed model trains, so there is nothing to share

@@ -67,7 +67,7 @@ def shared_prefix_hidden(model: PreTrainedModel, input_ids: Tensor, attention_ma
                          context_length: int) -> Tensor | None:
     """Last hidden states [B, T, d] of every row, each distinct prompt (the first `context_length`
     positions) computed once; None when the plain forward should run instead (see the module doc)."""
-    if context_length >= input_ids.shape[1] or not _can_share(model):
+    if not 0 < context_length < input_ids.shape[1] or not _can_share(model):
         return None
     groups = distinct_prompts(input_ids, attention_mask, context_length)
     if groups is None:
