@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -118,9 +119,10 @@ def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in():
 
     pages = 64 * 2**20 / 4096
     assert min(faults("off")) > 0.5 * pages  # every new 64 MiB tensor is page-faulted in again
-    # Freed memory is reused: most allocations fault nothing in. Not every one: a small allocation
-    # landing in the freed block (CI saw one allocation in five do this) makes the next extend the heap.
-    assert faults("on")[3] < 0.05 * pages
+    # Freed memory is reused: the median allocation faults nothing in. Not judged on every one: on
+    # CI one allocation in a run faulted its pages in (a small allocation splitting the freed block
+    # would make the next one extend the heap), which a mean over the run let fail the test.
+    assert statistics.median(faults("on")) < 0.05 * pages
 
 
 def test_frozen_models_bf16_matmul_weights_compute_the_same_under_autocast():

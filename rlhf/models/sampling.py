@@ -9,7 +9,6 @@ only the logits, and turns them into their own gradient in place.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
