@@ -131,6 +131,10 @@ def test_sft_export_matches_trained_weights(trained_artifacts):
     ckpt = torch.load(trained_artifacts["run"] / "sft" / "checkpoints" / "last.ckpt", map_location="cpu",
                       weights_only=False)
     assert ckpt["global_step"] == SFT_STEPS  # the checkpoint holds the final weights
+    # last.ckpt names the newest checkpoint without a second copy of it on disk.
+    ckpts = trained_artifacts["run"] / "sft" / "checkpoints"
+    assert (ckpts / "last.ckpt").is_symlink() and [p.name for p in ckpts.glob("step*.ckpt")] == [
+        (ckpts / "last.ckpt").readlink().name]
     trained = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     assert trained
 
