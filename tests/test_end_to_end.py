@@ -49,6 +49,8 @@ def test_default_run_learns(tmp_path, precision):
     assert (run / "report" / "report.md").is_file()
     for stage in ("sft", "rm", "ppo"):
         assert (run / stage / "model" / "model.safetensors").is_file()
+    # The free-disk floor (paths.min_free_gb=auto) covered what the run wrote, and not by a loose guess.
+    assert summary["disk_mb"]["used"] <= summary["disk_mb"]["needed"] <= 2 * summary["disk_mb"]["used"], summary
     # A healthy run: no alarm, held-out evaluation points, and its best policy reported and exported.
     assert "alarms" not in summary and summary["stages"]["ppo"]["alarms"] == [], summary.get("alarms")
     points = pd.read_csv(run / "ppo" / "eval.csv")

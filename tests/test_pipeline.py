@@ -53,11 +53,19 @@ def test_unknown_model_fails_at_compose(compose_cfg, tmp_path):
 # ----------------------------------------------------------------------------- validation
 @pytest.fixture
 def no_models(monkeypatch):
-    """Any attempt to build a model (from scratch or from_pretrained) fails the test."""
+    """Any attempt to build a model (from scratch or from_pretrained) fails the test; one on the meta
+    device, which holds no weights (the free-disk floor counts parameters that way), is allowed."""
     def refuse(*args, **kwargs):
         raise AssertionError("a model was built before the config was validated")
 
-    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+    real_init = transformers.PreTrainedModel.__init__
+
+    def refuse_weights(self, *args, **kwargs):
+        if torch.get_default_device().type != "meta":
+            refuse()
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse_weights)
     import rlhf.models.causal_lm
     import rlhf.models.reward
 
@@ -87,6 +95,8 @@ BAD_VALUES = [
     (["reward.fn=rlhf.training.rewards.synthetic_gold", "reward.weights=[1,2]"], r"reward\.weights has 2 entries for 1"),
     (["reuse_stages=3"], r"^reuse_stages=3: expected sweep, false or a directory"),
     (["reuse_stages=/proc/no_such_store"], r"^reuse_stages: cannot create /proc/no_such_store"),
+    (["paths.min_free_gb=lots"], r"^paths\.min_free_gb must be auto or a number of GiB >= 0, got 'lots'"),
+    (["paths.min_free_gb=-1"], r"^paths\.min_free_gb must be auto or a number of GiB >= 0, got -1"),
 ]
 
 

@@ -59,6 +59,12 @@ class Stage(pl.LightningModule):
         """Checks that need no model (paths, combinations); raise ConfigError with one line."""
 
     @classmethod
+    def saved_models(cls, conf) -> int:
+        """Models this stage trains, checkpoints and exports under `conf` (the free-disk floor counts
+        them); frozen ones are rebuilt from their exports and never saved."""
+        return 1
+
+    @classmethod
     def training_data(cls, conf, splits):
         """The datamodule mode and the splits this stage trains on under `conf`: `data_mode` and the
         run's splits, unless its settings bring data of their own (KTO's `unpaired_path`)."""

@@ -58,6 +58,10 @@ class OnlineRLModule(OnlineUpdate, Stage):
     evaluates_policy = True
     frozen = ("ref_policy.", "reward_model.")  # rebuilt from their exports: never in checkpoints
 
+    @classmethod
+    def saved_models(cls, conf: OnlineConfig) -> int:
+        return 2 if conf.value_model == "separate" else 1  # the critic is a whole second model
+
     def __init__(self, cfg: OnlineConfig, model: ModelConfig, inputs: Inputs):
         super().__init__()
         self.automatic_optimization = False  # epochs/minibatches are written out in `update`

@@ -35,8 +35,9 @@ from rlhf.training.memory import keep_freed_memory, peak_rss_mb, reset_peak_rss
 from rlhf.models.tokenizer import load_tokenizer
 from rlhf.stages import Inputs, get_stage, stages
 from rlhf.training import reuse
+from rlhf.training.disk import disk_used
 from rlhf.training.plan import (RewardPlan, apply_every_stage, apply_root_settings, apply_task_reward, build_stage,
-                                plan_stages, preflight)
+                                check_disk, plan_stages, preflight)
 
 log = logging.getLogger(__name__)
 TASK_HEADLINE = ("accuracy_before", "accuracy_after", "pass_at_k")  # a verifiable task's, from any policy stage
@@ -255,6 +256,7 @@ def train(cfg: DictConfig) -> dict:
         log.warning("%d of %d validation prompts also occur among the training prompts: evaluation "
                     "measures recall, not generalisation", overlap["eval_prompts_in_train"],
                     overlap["distinct_eval_prompts"])
+    disk = check_disk(cfg, plan, confs, run_dir, resuming)  # after every check of the settings and data
     tokenizer = load_tokenizer(cfg.model.tokenizer, trust_remote_code=cfg.model.trust_remote_code)
     summary: dict = {"run_dir": str(run_dir), "algo": cfg.algo, "stages": {}, "model": cfg.model.name,
                      "data": cfg.data._target_.rsplit(".", 1)[-1], "seed": cfg.seed, **overlap}
@@ -302,6 +304,8 @@ def train(cfg: DictConfig) -> dict:
         if peaks:
             summary["peak_rss_mb"] = max(peaks)
         summary["seconds"] = round(time.time() - start, 1)
+        # What the preflight asked for (the peak it expects) beside what the run directory holds now.
+        summary["disk_mb"] = {"needed": round(disk.need_bytes / 2**20), "used": round(disk_used(run_dir) / 2**20)}
         write_summary(run_dir, summary)
         print_stage_summary(stage, result, time.time() - t0)
     logdir = next((p for p in run_dir.resolve().parents if p.name == "outputs"), run_dir)

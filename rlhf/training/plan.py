@@ -6,6 +6,7 @@ and reward model paths, reward functions), and the output directory, each failur
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -19,6 +20,7 @@ from rlhf.errors import ConfigError, UserError
 from rlhf.models.causal_lm import ModelConfig
 from rlhf.models.reward import check_reward_model
 from rlhf.stages import Inputs, get_stage, stages
+from rlhf.training.disk import DiskPlan, disk_plan, min_free_setting
 from rlhf.training.rewards import RewardConfig, load_functions, sources
 
 log = logging.getLogger(__name__)
@@ -261,6 +263,7 @@ def preflight(cfg: DictConfig, plan: list[str], run_dir: Path, resuming: bool = 
         confs[s] = conf
     reward = check_inputs(cfg, plan, confs)
     check_eval(cfg)
+    min_free_setting(cfg)
     if resuming and not (run_dir / "config.yaml").is_file():
         raise UserError(f"resume={run_dir}: not a run directory (no config.yaml)")
     if not resuming and (run_dir / "summary.json").exists():
@@ -273,9 +276,17 @@ def preflight(cfg: DictConfig, plan: list[str], run_dir: Path, resuming: bool = 
         probe.unlink()
     except OSError as e:
         raise UserError(f"output directory {run_dir} is not writable: {e.strerror}") from None
-    need = float(cfg.paths.get("min_free_gb") or 0)
-    free = shutil.disk_usage(run_dir).free / 2**30
-    if free < need:
-        raise UserError(f"output directory {run_dir} has {free:.1f} GiB free, paths.min_free_gb={need:g} "
-                        "(checkpoints and exports need the room; free space or lower the setting)")
     return confs, reward
+
+
+def check_disk(cfg: DictConfig, plan: list[str], confs: dict, run_dir: Path, resuming: bool) -> DiskPlan:
+    """The last check before any work: room for what the run will write (`paths.min_free_gb`)."""
+    summary = run_dir / "summary.json"
+    finished = set(json.loads(summary.read_text()).get("stages", {})) if resuming and summary.is_file() else set()
+    disk = disk_plan(cfg, plan, confs, finished)
+    free = shutil.disk_usage(run_dir).free
+    if free < disk.need_bytes:
+        raise UserError(f"output directory {run_dir} has {free / 2**30:.1f} GiB free; {disk.describe()} "
+                        "(checkpoints and exports need the room: free space, or set paths.min_free_gb)")
+    log.info("disk: %s; %.1f GiB free in %s", disk.describe(), free / 2**30, run_dir)
+    return disk
