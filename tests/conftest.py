@@ -8,6 +8,7 @@ export as in the full pipeline) so the PPO tests do not each pay for it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,17 @@ def compose_train(output_dir, *overrides: str):
 @pytest.fixture
 def compose_cfg():
     return compose_train
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory, request):
+    """A directory for one test module's shared runs, removed when the module is done unless one of its
+    tests failed: the suite's disk high-water mark stays at one module's runs, not every module's."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    failed = request.session.testsfailed
+    yield path
+    if request.session.testsfailed == failed:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

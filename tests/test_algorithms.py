@@ -156,9 +156,9 @@ def test_online_stage_trains_the_policy_only(algo, extra, trained_artifacts, tmp
 
 # ----------------------------------------------------------------------------- learning
 @pytest.fixture(scope="module")
-def default_sft_rm(tmp_path_factory):
+def default_sft_rm(module_tmp):
     """The default run's SFT and reward model (`python train.py algo=rm`), shared by every algorithm."""
-    run = tmp_path_factory.mktemp("default") / "run"
+    run = module_tmp / "run"
     summary = train(compose_train(run, "algo=rm"))
     assert summary["rm_accuracy"] >= 0.90, summary
     return {"sft": run / "sft" / "model", "rm": run / "rm" / "model"}

@@ -24,10 +24,10 @@ def cli(*args):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(module_tmp):
     from rlhf.training.pipeline import train
 
-    run = tmp_path_factory.mktemp("eval") / "run"
+    run = module_tmp / "run"
     train(compose_train(run, *FAST_RUN))
     return run
 

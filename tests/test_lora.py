@@ -143,8 +143,8 @@ def _ppo(artifacts, run, *extra: str) -> tuple[dict, PPOModule, dict]:
 
 
 @pytest.fixture(scope="module")
-def lora_ppo(trained_artifacts, tmp_path_factory):
-    run = tmp_path_factory.mktemp("lora_ppo") / "run"
+def lora_ppo(trained_artifacts, module_tmp):
+    run = module_tmp / "run"
     summary, module, before = _ppo(trained_artifacts, run, *LORA, "ppo.max_steps=2")
     return {"run": run, "summary": summary, "module": module, "before": before}
 

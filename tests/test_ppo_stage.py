@@ -213,8 +213,8 @@ def test_ppo_step_changes_policy_and_value_only(trained_artifacts, tmp_path):
 
 # ----------------------------------------------------------------------------- a pipeline PPO run
 @pytest.fixture(scope="module")
-def ppo_run(trained_artifacts, tmp_path_factory):
-    run = tmp_path_factory.mktemp("ppo") / "run"
+def ppo_run(trained_artifacts, module_tmp):
+    run = module_tmp / "run"
     cfg = compose_train(run, *_ppo_overrides(trained_artifacts, "ppo.max_steps=2"))
     summary, module = _train_capturing_module(cfg)
     return {"run": run, "summary": summary, "module": module}

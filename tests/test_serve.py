@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow  # trains a run with train.py in a subprocess
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    run = tmp_path_factory.mktemp("serve") / "run"
+def run_dir(module_tmp):
+    run = module_tmp / "run"
     proc = subprocess.run([sys.executable, "train.py", "debug=fast", f"paths.output_dir={run}",
                            "callbacks.progress_bar.refresh_rate=0", "++callbacks.analysis_report=null",
                            # smaller than debug=fast alone: the models only need to exist, not to learn
