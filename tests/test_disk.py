@@ -1,5 +1,5 @@
 """The free-disk preflight (rlhf/training/disk.py): a floor from what the run will write, checked
-before any model or data is loaded."""
+after the settings and the data and before the tokenizer or any model is loaded."""
 from __future__ import annotations
 
 import shutil

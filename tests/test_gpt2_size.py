@@ -87,7 +87,8 @@ def test_reference_experiment_runs_at_gpt2_size(tmp_path, compose_cfg):
     # A CI machine's disk may be too small for GPT-2-size exports: say so rather than fail at the preflight.
     from rlhf.training.plan import plan_stages, stage_config
 
-    need = disk_plan(cfg, plan_stages(cfg), {s: stage_config(cfg, s)[1] for s in plan_stages(cfg)}).need_bytes
+    plan = plan_stages(cfg)
+    need = disk_plan(cfg, plan, {s: stage_config(cfg, s)[1] for s in plan}).need_bytes
     if (free := shutil.disk_usage(tmp_path).free) < need:
         shutil.rmtree(tmp_path)
         pytest.skip(f"GPT-2-size exports need {need / 2**30:.1f} GiB free; {free / 2**30:.1f} GiB here")
