@@ -57,7 +57,7 @@ def test_a_fixed_floor_fails_before_any_model(tmp_path, free_space):
 def test_auto_floor_is_what_the_run_writes_and_decides_at_that_byte(tmp_path, free_space):
     cfg = compose_train(tmp_path / "a", "debug=fast")
     need = floor(cfg).need_bytes
-    # The tiny default model's three stages fit where a fixed 1 GiB floor refused them.
+    # The tiny default model's stages ask for less than the old fixed default floor, which refused them on a small disk.
     assert 0.3 * GIB < need < 0.9 * GIB, need / GIB
     free_space(need - 2**20)
     with pytest.raises(UserError, match=r"GiB free; this run writes up to 0\.\d\d GiB \(3 stage\(s\) training a "
