@@ -54,3 +54,31 @@ def test_other_algorithms_run_on_gpu(algo, trained_artifacts, tmp_path):
                                   f"{algo}.policy_path={trained_artifacts['sft']}", *reward, *TINY_DATA,
                                   f"{algo}.max_steps=2", f"{algo}.eval_prompts=8"))
     assert summary["stages"][algo]["steps"] == 2 and summary["stages"][algo]["peak_gpu_mb"] > 0
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_decode_step_in_a_cuda_graph_draws_what_the_eager_loop_draws(autocast):
+    from rlhf.models.sampling import sample
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(arch=ARCH)).cuda().eval()
+    q = torch.randint(0, 100, (4, 9), device="cuda")
+    qm = torch.ones_like(q)
+    qm[0, :3] = 0
+    out = {}
+    for graph in (False, True, True):  # the second graph call replays what the first recorded
+        g = torch.Generator(device="cuda").manual_seed(3)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out[graph] = sample(model, q, qm, 12, 1.0, 0, generator=g, logprobs=True, graph=graph)
+    assert torch.equal(out[True][0], out[False][0])
+    torch.testing.assert_close(out[True][1], out[False][1], atol=2e-3 if autocast else 1e-4, rtol=0)
+
+
+def test_grpo_with_the_decode_graph_on_gpu(trained_artifacts, tmp_path):
+    summary = train(compose_train(tmp_path / "run", "algo=grpo", "stage=grpo", "trainer=gpu", "grpo.decode_graph=true",
+                                  f"grpo.policy_path={trained_artifacts['sft']}",
+                                  f"reward.model_path={trained_artifacts['rm']}", *TINY_DATA, "grpo.max_steps=3",
+                                  "grpo.eval_prompts=8"))
+    assert summary["stages"]["grpo"]["steps"] == 3
+    df = pd.read_csv(tmp_path / "run" / "grpo" / "metrics.csv")
+    assert df["logprob_gap_max"].max() < 0.05

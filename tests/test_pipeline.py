@@ -97,6 +97,7 @@ BAD_VALUES = [
     (["reuse_stages=/proc/no_such_store"], r"^reuse_stages: cannot create /proc/no_such_store"),
     (["paths.min_free_gb=lots"], r"^paths\.min_free_gb must be auto or a number of GiB >= 0, got 'lots'"),
     (["paths.min_free_gb=-1"], r"^paths\.min_free_gb must be auto or a number of GiB >= 0, got -1"),
+    (["trainer.accelerator=cpu", "ppo.decode_graph=true"], r"^ppo\.decode_graph=true captures .*needs CUDA"),
 ]
 
 

@@ -5,9 +5,10 @@
     python -m rlhf.bench --kind generate --device cuda    # on a GPU (part `decode` of rlhf.bench.gpu_check)
 
 One JSON line per (implementation, batch, response length): {"kind": "generate", "impl": "ours" |
-"transformers", "batch", "prompt_length", "response_length", "attention", "ms_per_step", "mbu", "bytes_per_step",
+"ours-graph" (CUDA only: the decode step replayed as a CUDA graph, `sample(graph=True)`) | "transformers",
+"batch", "prompt_length", "response_length", "attention", "ms_per_step", "mbu", "bytes_per_step",
 "bandwidth_gbs", "precision", "threads", "device", "machine"}, then one per (batch, length) with "ratio"
-(transformers' ms per step over ours: above 1, ours is faster).
+(transformers' ms per step over ours: above 1, ours is faster) and on CUDA "ours_graph_ms", "graph_ratio".
 
 How: a random-init GPT-2 of the preset's shape (the weights do not change the cost), left-padded
 prompts of `--prompt-length` tokens, every row decoding exactly `response_length` tokens (no stop
@@ -92,8 +93,8 @@ def measure(model, impl: str, batch: int, prompt_length: int, response_length: i
 
     def run(n):
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            if impl == "ours":
-                sample(model, ids, mask, n, 1.0, 0, None, logprobs=True)
+            if impl.startswith("ours"):
+                sample(model, ids, mask, n, 1.0, 0, None, logprobs=True, graph=impl == "ours-graph")
             else:
                 model.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=n,
                                min_new_tokens=n, pad_token_id=0)
@@ -128,10 +129,11 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
         for r in lengths:
             nbytes = step_bytes(model, b, prompt_length, r, 2 if bf16 else 4)
             ms = {}
-            for impl in ("ours", "transformers"):
-                ms[impl] = measure(models[impl], impl, b, prompt_length, r, rounds, autocast=bf16 and impl == "ours")
+            for impl in ("ours", "ours-graph", "transformers") if device == "cuda" else ("ours", "transformers"):
+                m = models[impl.split("-")[0]]
+                ms[impl] = measure(m, impl, b, prompt_length, r, rounds, autocast=bf16 and impl != "transformers")
                 row = {"kind": "generate", "impl": impl, "batch": b, "prompt_length": prompt_length,
-                       "response_length": r, "attention": models[impl].config._attn_implementation,
+                       "response_length": r, "attention": m.config._attn_implementation,
                        "ms_per_step": round(ms[impl], 3),
                        "mbu": round(nbytes / (ms[impl] / 1000) / (bw * 1e9), 4), "bytes_per_step": nbytes,
                        "bandwidth_gbs": round(bw, 2), "precision": precision, "threads": threads,
@@ -142,6 +144,9 @@ def run_generate(shape, batches: list[int], lengths: list[int], prompt_length: i
             cmp = {"kind": "generate", "batch": b, "response_length": r, "ours_ms": round(ms["ours"], 3),
                    "transformers_ms": round(ms["transformers"], 3),
                    "ratio": round(ms["transformers"] / ms["ours"], 3)}
+            if "ours-graph" in ms:  # the decode step replayed as a CUDA graph (rlhf/models/graph_decode.py)
+                cmp.update(ours_graph_ms=round(ms["ours-graph"], 3),
+                           graph_ratio=round(ms["transformers"] / ms["ours-graph"], 3))
             print(json.dumps(cmp), flush=True)
             rows.append(cmp)
     return rows

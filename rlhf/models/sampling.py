@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 
 from rlhf.algorithms.core import logprobs_from_logits, position_ids_from_mask
 from rlhf.models.causal_lm import cached_autocast, fast_fp32_matmul, head_fp32
+from rlhf.models.graph_decode import static_decode_steps
 from rlhf.models.packed import packed_linears
 from rlhf.models.shared_prefix import distinct_prompts, prefill_shared, shared_prefix_hidden
 
@@ -23,7 +24,8 @@ from rlhf.models.shared_prefix import distinct_prompts, prefill_shared, shared_p
 def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, response_length: int,
            temperature: float, pad_token_id: int, stop_token_id: int | None = None,
            generator: torch.Generator | None = None, logprobs: bool = False,
-           tokens_only: bool = False, shared_prefix: bool = False) -> tuple[Tensor, Tensor | None]:
+           tokens_only: bool = False, shared_prefix: bool = False, graph: bool = False,
+           graph_backend: str | None = None) -> tuple[Tensor, Tensor | None]:
     """Sample `response_length` tokens per left-padded prompt; returns (responses [B,R], logits [B,R,V]),
     or with `logprobs` (responses, log-probs [B,R]) of the drawn tokens instead of the logits, or with
     `tokens_only` (responses, None): evaluation and generation, which read only the tokens, then keep
@@ -39,13 +41,16 @@ def sample(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, r
     greedy), computed step by step as the tokens are drawn, so the rollout's old log-probs need
     no [B, R, V] tensor: at batch 32 and 256 tokens of GPT-2's vocabulary that is 1.6 GB.
     With `shared_prefix`, rows with the same prompt share one prefill (`rlhf/models/shared_prefix.py`).
+    With `graph`, the decode steps replay a CUDA graph (`rlhf/models/graph_decode.py`).
     """
     with cached_autocast(input_ids.device.type), packed_linears(policy):
         return _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id,
-                       stop_token_id, generator, logprobs, tokens_only, shared_prefix)
+                       stop_token_id, generator, logprobs, tokens_only, shared_prefix,
+                       response_length if graph else None, graph_backend)
 
 
-def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, shared_prefix: bool = False):
+def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, shared_prefix: bool = False,
+                 graph_tokens: int | None = None, graph_backend: str | None = None):
     """The KV-cached decode loop as a generator: yields the next-token logits [B, V] (fp32, `head_fp32`),
     and is sent the tokens [B] chosen from them, which it feeds back through the cache.
 
@@ -53,6 +58,8 @@ def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Ten
     the LM head to the last prompt position only. Shared by the training sampler (`sample`) and the
     HTTP server's batched engine, which chooses tokens its own way (per-row temperature, stop strings).
     With `shared_prefix`, identical prompts are prefilled once and their cache copied to their rows.
+    With `graph_tokens`, the steps after the prefill run with static shapes for up to that many tokens,
+    captured in a CUDA graph (`rlhf.models.graph_decode`; `graph_backend` compiles them otherwise).
     """
     body, head = policy.base_model, policy.get_output_embeddings()
     pos = position_ids_from_mask(attention_mask)
@@ -61,6 +68,9 @@ def decode_steps(policy: PreTrainedModel, input_ids: Tensor, attention_mask: Ten
         out = prefill_shared(body, input_ids, attention_mask, pos, groups)
     else:
         out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
+    if graph_tokens is not None:
+        yield from static_decode_steps(policy, out, pos, attention_mask, graph_tokens, graph_backend)
+        return
     next_pos = pos[:, -1:] + 1
     mask = attention_mask
     while True:
@@ -88,9 +98,9 @@ def draw(logits: Tensor, temperature: float | Tensor, generator: torch.Generator
 
 
 def _sample(policy, input_ids, attention_mask, response_length, temperature, pad_token_id, stop_token_id, generator,
-            keep_logprobs=False, tokens_only=False, shared_prefix=False):
+            keep_logprobs=False, tokens_only=False, shared_prefix=False, graph_tokens=None, graph_backend=None):
     B = input_ids.shape[0]
-    steps = decode_steps(policy, input_ids, attention_mask, shared_prefix)
+    steps = decode_steps(policy, input_ids, attention_mask, shared_prefix, graph_tokens, graph_backend)
     step_logits = next(steps)
     tokens, logits = [], []
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

@@ -123,6 +123,11 @@ class OnlineRLModule(OnlineUpdate, Stage):
         if cfg.trainer.get("gradient_clip_val"):
             raise ConfigError(f"trainer.gradient_clip_val: the {cls.name} stage steps its optimizer itself, where "
                               f"Lightning clips nothing; use {cls.name}.max_grad_norm")
+        if conf.decode_graph and (cfg.trainer.get("accelerator") not in ("gpu", "cuda", "auto", None)
+                                  or not torch.cuda.is_available()):
+            raise ConfigError(f"{cls.name}.decode_graph=true captures the decode step in a CUDA graph and needs CUDA "
+                              f"(trainer.accelerator={cfg.trainer.get('accelerator')}, CUDA available: "
+                              f"{torch.cuda.is_available()})")
 
     # ----- optimisation -----
     def trained_models(self) -> dict[str, list[nn.Parameter]]:
@@ -233,7 +238,7 @@ class OnlineRLModule(OnlineUpdate, Stage):
         gen = self.update_generator()
         responses, logprobs = sample(self.policy, queries, qmask, c.response_length, c.temperature,
                                      self.tokenizer.pad_token_id, self.stop_id, generator=gen, logprobs=True,
-                                     shared_prefix=c.shares_prompts)
+                                     shared_prefix=c.shares_prompts, graph=c.decode_graph)
         responses, resp_mask, has_stop = core.truncate_after_stop(responses, self.stop_id, self.tokenizer.pad_token_id)
         ids = torch.cat([queries, responses], 1)
         mask = torch.cat([qmask, resp_mask.long()], 1)

@@ -38,6 +38,9 @@ class OnlineConfig(StageConfig):
     # Grouper, Liu et al. 2025 (verl's use_prefix_grouper). The plain forward's hidden states, to float
     # rounding (rlhf/models/shared_prefix.py); false runs the plain forward.
     shared_prefix: bool = True
+    # The rollout's decode steps replayed as one CUDA graph each (static KV cache, rlhf/models/graph_decode.py):
+    # CUDA only, and off by default until a GPU run has measured it (docs/benchmark.md).
+    decode_graph: bool = False
     # ----- the parts (rlhf/algorithms/parts.py); each algorithm sets its own defaults -----
     advantage_estimator: str = "gae"  # gae | grpo | rloo | reinforce_pp | reinforce_pp_baseline
     policy_loss: str = "clipped"  # clipped | gspo | cispo | clipped_sequence
