@@ -9,7 +9,7 @@ kernels once and replays them with one launch, which needs every tensor the step
 at a fixed address and every shape fixed. So here the key/value cache is transformers' `StaticCache`
 (preallocated for prompt + response, written in place), the attention mask covers the whole
 preallocated length (future positions 0, set to 1 in place step by step), and the step is compiled
-once per model with `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`, the
+once with `torch.compile(mode="reduce-overhead", fullgraph=True, dynamic=False)`, the
 route transformers' own static-cache generation takes (its "Static cache and torch.compile" guide).
 The prefill runs eagerly as in `decode_steps` (shared prompts included) and its cache is copied in.
 
