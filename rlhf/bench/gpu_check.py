@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     ap.add_argument("--updates", type=int, default=20, help="PPO updates of experiment=gpt2_hh (default 20)")
     ap.add_argument("--skip", default="", help=f"comma list of parts to skip: {', '.join(PARTS)}")
-    ap.add_argument("--timeout-tests", type=float, default=200)  # + compiling the graph step in three tests
+    ap.add_argument("--timeout-tests", type=float, default=200)  # + the tests that compile the graph step
     ap.add_argument("--timeout-bench", type=float, default=150)
     ap.add_argument("--timeout-decode", type=float, default=180)  # + compiling the graph step once per batch size
     ap.add_argument("--timeout-gpt2", type=float, default=150)
