@@ -13,7 +13,11 @@ from these problems with this optimizer. Modes: `grpo` (group-normalised advanta
 (group mean subtracted only, Liu et al. 2025), `positive` (only the responses above their group's
 mean: rejection-sampling fine-tuning), `sft`. Every `--every` updates it prints the mean
 teacher-forced probability of the correct answer and the greedy accuracy, on training problems and
-on the held-out ones (all four phrasings of each).
+on the held-out ones (all four phrasings of each). With `--sft-pairs N`, for an SFT policy trained
+on `data.max_pairs=N` demonstrations (`python train.py data=arithmetic 'data.ops="+-"'
+data.max_pairs=N stage=sft seed=0`), the training problems those demonstrations covered and the ones
+they did not are reported apart: the loop still prompts with all of them, as reinforcement learning
+from verifiable rewards prompts with problems nobody labelled.
 """
 from __future__ import annotations
 
@@ -40,6 +44,8 @@ p.add_argument("--group", type=int, default=8, help="responses per prompt")
 p.add_argument("--ops", default="+-", help="the task's data.ops")
 p.add_argument("--seed", type=int, default=0, help="the task's seed (its split) and the loop's")
 p.add_argument("--every", type=int, default=20)
+p.add_argument("--sft-pairs", type=int, default=None,
+               help="the SFT run's data.max_pairs: report the training problems its demonstrations covered apart")
 args = p.parse_args()
 
 torch.manual_seed(args.seed)
@@ -85,12 +91,22 @@ def report(prompts: list[str]) -> str:
     return f"P(correct) {p_correct:.3f}, greedy {accuracy:.3f}"
 
 
-train_eval = [prompt(e, i) for i, e in enumerate(train[:120])]
 held_out_eval = [prompt(e, k) for e in held_out for k in range(len(TEMPLATES))]
+evals = {"training": [prompt(e, i) for i, e in enumerate(train[:120])]}
+if args.sft_pairs is not None:  # the problems of the SFT run's demonstrations, drawn as that run drew them
+    shown = {problem_of(pair.prompt) for pair in Arithmetic(seed=args.seed, ops=args.ops, max_pairs=args.sft_pairs).load().train}
+    evals = {"training, in the SFT data": [prompt(e, i) for i, e in enumerate(train) if e in shown][:120],
+             "training, not in it": [prompt(e, i) for i, e in enumerate(train) if e not in shown][:120]}
+evals["held-out"] = held_out_eval
+
+
+def report_all() -> str:
+    return " | ".join(f"{name} ({len(prompts)}) {report(prompts)}" for name, prompts in evals.items())
+
+
 opt = (torch.optim.AdamW(model.parameters(), lr=args.lr, eps=1e-5, weight_decay=0.0) if args.optimizer == "adamw"
        else torch.optim.SGD(model.parameters(), lr=args.lr))
-print(f"{args.mode} {args.optimizer} lr {args.lr}, update 0: training {report(train_eval)} | "
-      f"held-out {report(held_out_eval)}", flush=True)
+print(f"{args.mode} {args.optimizer} lr {args.lr}, update 0: {report_all()}", flush=True)
 rewards, start = [], time.perf_counter()
 for update in range(1, args.updates + 1):
     prompts = [q for q in (prompt(rng.choice(train), rng.randrange(4)) for _ in range(args.prompts))
@@ -120,5 +136,4 @@ for update in range(1, args.updates + 1):
     opt.step()
     if update % args.every == 0:
         print(f"  update {update}: sampled reward (last {args.every}) {sum(rewards[-args.every:]) / args.every:.3f}, "
-              f"training {report(train_eval)} | held-out {report(held_out_eval)}, "
-              f"{time.perf_counter() - start:.0f} s", flush=True)
+              f"{report_all()}, {time.perf_counter() - start:.0f} s", flush=True)
