@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.data.arithmetic import TEMPLATES, Arithmetic, evaluate, problem_of, verify
 from rlhf.data.pairs import ASSISTANT, HUMAN
-from rlhf.models.sampling import sample
+from rlhf.models.sampling import response_logprobs, sample
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("policy", help="an SFT export of the task (a Hugging Face model directory)")
@@ -65,9 +65,7 @@ def batch_logprobs(prompts: list[str], responses: torch.Tensor, rmask: torch.Ten
     """Per-token log-probs [B, R] of the responses after the left-padded prompts (0 where masked)."""
     enc = tok(prompts, return_tensors="pt", padding=True)
     ids, mask = torch.cat([enc.input_ids, responses], 1), torch.cat([enc.attention_mask, rmask.long()], 1)
-    logits = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
-    lp = logits[:, enc.input_ids.shape[1] - 1:-1].log_softmax(-1).gather(2, responses[..., None])[..., 0]
-    return lp * rmask
+    return response_logprobs(model, ids, mask, enc.input_ids.shape[1], responses) * rmask
 
 
 def answers(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
