@@ -341,16 +341,25 @@ class _Output:
 
 class BodyLimit:
     """ASGI middleware: refuse a body over `limit` bytes with 413, from Content-Length when it is sent
-    (before reading), else while reading a chunked body; the routes then see the body replayed."""
+    (before reading), else while reading a chunked body; the routes then see the body replayed.
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    The 413 closes the connection, and a close with bytes still unread makes the kernel send a reset
+    that can destroy the reply before the client reads it. So a body of up to `drain` bytes is read
+    and discarded first (the lingering close of nginx, which uvicorn does not do); a larger claimed
+    body, or one whose client waits on `Expect: 100-continue` and so has sent nothing, is refused
+    from the header alone."""
+
+    def __init__(self, app, limit: int, drain: int = 1 << 20, drain_seconds: float = 5.0):
+        self.app, self.limit, self.drain, self.drain_seconds = app, limit, drain, drain_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
+            if int(length) <= self.drain and headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._discard(receive, int(length))
             return await self._refuse(int(length), send)
         chunks, total, more = [], 0, True
         while more:
@@ -359,11 +368,27 @@ class BodyLimit:
                 return await self.app(scope, _replay([message], receive), send)
             chunks.append(message.get("body", b""))
             total += len(chunks[-1])
-            if total > self.limit:
-                return await self._refuse(total, send, at_least=True)
             more = message.get("more_body", False)
+            if total > self.limit:
+                if more:
+                    await self._discard(receive, self.drain - total)
+                return await self._refuse(total, send, at_least=True)
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         return await self.app(scope, _replay([body], receive), send)
+
+    async def _discard(self, receive, budget: int) -> None:
+        """Read and drop the rest of the body: at most `budget` bytes, for at most `drain_seconds`."""
+        try:
+            async with asyncio.timeout(self.drain_seconds):
+                while budget > 0:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return
+                    budget -= len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            return
 
     async def _refuse(self, size: int, send, at_least: bool = False):
         what = f"over {self.limit} bytes ({size} received)" if at_least else f"{size} bytes"
