@@ -31,8 +31,10 @@ def address():
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    while not server.started:
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert server.started, "uvicorn did not start"  # fail, rather than hang the suite
     yield sock.getsockname()[:2]
     server.should_exit = True
     thread.join(10)

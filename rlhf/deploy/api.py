@@ -357,10 +357,11 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            if int(length) <= self.drain and headers.get(b"expect", b"").lower() != b"100-continue":
-                await self._discard(receive, int(length))
-            return await self._refuse(int(length), send)
+        size = int(length) if length.isdigit() else None
+        if size is not None and size > self.limit:
+            if size <= self.drain and headers.get(b"expect", b"").lower() != b"100-continue":
+                await self._discard(receive, size)
+            return await self._refuse(size, send)
         chunks, total, more = [], 0, True
         while more:
             message = await receive()
